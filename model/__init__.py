@@ -1,0 +1,1 @@
+"""MiniMind: the shared package every numbered script imports."""

@@ -1,0 +1,404 @@
+"""The MiniMind decoder: dense or mixture-of-experts, with MiniMind v1's parameter names.
+
+A v1 checkpoint (`out/pretrain_512.pth`, `out/full_sft_512_moe.pth`, ...) loads into `MiniMindForCausalLM` with
+`strict=True` and computes the same logits. What differs from v1 is everything around the math:
+- the KV cache belongs to the caller (`KVCache`, or any transformers `Cache`), never to a module;
+- RoPE angles are computed from the positions actually used, so no position can index past a table;
+- the MoE layer routes tokens in whatever dtype autocast picked, and its balance loss reaches the training loss;
+- every call returns a fresh output object, and `forward` never changes the module's mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:  # transformers 5: init helpers that skip weights already loaded from a checkpoint
+    from transformers import initialization as hf_init
+except ImportError:  # pragma: no cover
+    hf_init = nn.init
+
+from .LMConfig import LMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 even under autocast: the mean of squares loses too much precision in bf16.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, scaling: float | None):
+    """cos/sin of shape (B, T, head_dim/2) for integer positions (B, T).
+
+    Computed from the positions themselves rather than looked up in a table sized max_seq_len, so a long prompt
+    can never index past the end. Linear scaling divides positions by `scaling`.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    pos = position_ids.float()
+    if scaling:
+        pos = pos / scaling
+    angles = pos[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head as one complex number: v1's layout, not rotate-half.
+
+    x: (B, T, H, head_dim); cos/sin: (B, T, head_dim/2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values for one generation call: per layer (B, n_kv_heads, T, head_dim), after RoPE.
+
+    It has the two methods the model uses from transformers' `Cache` (`update`, `get_seq_length`), so either kind
+    can be passed as `past_key_values`. Storage grows by doubling, so decoding does not copy the cache every step.
+    """
+
+    def __init__(self, n_layers: int, capacity: int = 0):
+        self.capacity = capacity
+        self._k: list[torch.Tensor | None] = [None] * n_layers
+        self._v: list[torch.Tensor | None] = [None] * n_layers
+        self._len = [0] * n_layers
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        start, new = self._len[layer_idx], k.shape[2]
+        end = start + new
+        buf_k = self._k[layer_idx]
+        if buf_k is None or buf_k.shape[2] < end:
+            size = max(end, self.capacity, 2 * (buf_k.shape[2] if buf_k is not None else 0))
+            grown_k = k.new_empty(k.shape[0], k.shape[1], size, k.shape[3])
+            grown_v = v.new_empty(v.shape[0], v.shape[1], size, v.shape[3])
+            if buf_k is not None:
+                grown_k[:, :, :start] = buf_k[:, :, :start]
+                grown_v[:, :, :start] = self._v[layer_idx][:, :, :start]
+            self._k[layer_idx], self._v[layer_idx] = grown_k, grown_v
+        self._k[layer_idx][:, :, start:end] = k
+        self._v[layer_idx][:, :, start:end] = v
+        self._len[layer_idx] = end
+        return self._k[layer_idx][:, :, :end], self._v[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._len[layer_idx]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wo._residual_proj = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_sdpa = config.flash_attn and hasattr(F, "scaled_dot_product_attention")
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        # mask is None means "plain causal": no padding, and the queries are the first tokens or a single new one.
+        causal = mask is None and T > 1
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            out = self._matmul_attention(q, k, v, mask, causal, dropout_p)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.wo(out))
+
+    def _matmul_attention(self, q, k, v, mask, causal, dropout_p):
+        """Reference path for backends without SDPA: explicit scores, mask, softmax in float32."""
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if causal:
+            Tq, Tk = q.shape[2], k.shape[2]
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(scores.float().softmax(dim=-1).type_as(q), p=dropout_p, training=dropout_p > 0)
+        return probs @ v
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down projection."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        hidden = config.ffn_hidden_dim
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2._residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class MoEGate(nn.Module):
+    """Softmax router over the routed experts; returns top-k expert ids, their weights and the balance loss."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        if config.scoring_func != "softmax":
+            raise ValueError(f"unsupported scoring_func {config.scoring_func!r}; only 'softmax' is implemented")
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor):
+        B, T, D = x.shape
+        scores = F.linear(x.reshape(-1, D), self.weight).float().softmax(dim=-1)  # (B*T, E)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        aux_loss = None
+        if self.training and self.alpha > 0:
+            if self.seq_aux:
+                # Per sequence: expected load (mean router prob) times actual load (share of top-k slots), scaled so
+                # that a perfectly balanced router scores alpha.
+                load = torch.zeros(B, self.n_experts, device=x.device)
+                load.scatter_add_(1, topk_idx.view(B, -1), torch.ones(B, T * self.top_k, device=x.device))
+                load = load / (T * self.top_k / self.n_experts)
+                aux_loss = (load * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+            else:
+                load = F.one_hot(topk_idx.view(-1), num_classes=self.n_experts).float().mean(0) * self.n_experts
+                aux_loss = (scores.mean(0) * load).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_routed_experts))
+        self.gate = MoEGate(config)
+        self.shared_experts = FeedForward(config) if config.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor):
+        B, T, D = x.shape
+        topk_idx, topk_weight, aux_loss = self.gate(x)
+        flat = x.reshape(-1, D)
+        # Group (token, slot) pairs by expert so each expert runs one dense matmul over its tokens.
+        flat_idx = topk_idx.reshape(-1)
+        order = flat_idx.argsort(stable=True)
+        token_of = order // topk_idx.shape[1]
+        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            # Experts with no tokens still run on an empty batch, so every parameter gets a (zero) gradient and DDP
+            # does not wait for gradients that never come.
+            slots, tokens = order[start:start + count], token_of[start:start + count]
+            start += count
+            y = expert(flat[tokens]) * topk_weight.reshape(-1)[slots].unsqueeze(-1)
+            out.index_add_(0, tokens, y.float())
+        out = out.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(B, T, D), aux_loss
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_idx: int, config: LMConfig):
+        super().__init__()
+        self.attention = Attention(config, layer_idx)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = MoEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        ff = self.feed_forward(self.ffn_norm(h))
+        aux = None
+        if isinstance(ff, tuple):
+            ff, aux = ff
+        return h + ff, aux
+
+
+@dataclass
+class MiniMindCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the MoE balance loss (already included in `loss` when training)."""
+
+    aux_loss: torch.FloatTensor | None = None
+
+
+class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LMConfig
+    base_model_prefix = "minimind"
+    _no_split_modules = ["TransformerBlock"]
+    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
+    _supports_sdpa = True
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: LMConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(i, config) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            # Residual-branch outputs start smaller so the residual stream's variance does not grow with depth.
+            if getattr(module, "_residual_proj", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layers)
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            hf_init.ones_(module.weight)
+        elif isinstance(module, MoEGate):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, value):
+        self.output = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_ids: torch.LongTensor | None = None,
+        targets: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> MiniMindCausalLMOutput:
+        """Logits for every position (or the last `logits_to_keep`), and the loss when labels are given.
+
+        labels:  transformers' convention, aligned with input_ids; the model shifts them by one.
+        targets: v1's convention, already the next token for each position (no shift).
+        Either way, -100 marks positions without loss.
+        attention_mask: (B, past+T) with 0 for padding, or a ready boolean (B, 1, T, past+T) mask where True means
+            "may attend" (e.g. block-diagonal masks for packed documents).
+        """
+        h = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache(self.config.n_layers)
+        cache = past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.to(device=h.device, dtype=torch.bool)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            pad = attention_mask.to(device=h.device, dtype=torch.bool)
+            if position_ids is None:
+                position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            mask = _padded_causal_mask(pad, T, past)
+        elif past > 0 and T > 1:
+            mask = _padded_causal_mask(torch.ones(B, past + T, dtype=torch.bool, device=h.device), T, past)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=h.device).unsqueeze(0).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
+                                self.config.rope_scaling_factor)
+
+        h = self.dropout(h)
+        aux_total = None
+        for layer in self.layers:
+            h, aux = layer(h, cos, sin, mask, cache)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        h = self.norm(h)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.output(h)
+
+        loss = None
+        if labels is not None or targets is not None:
+            if labels is not None:
+                pred, tgt = logits[:, :-1], labels[:, 1:]
+            else:
+                pred, tgt = logits, targets
+            tgt = tgt.to(logits.device)
+            reduction = "sum" if num_items_in_batch is not None else "mean"
+            loss = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                   reduction=reduction)
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+            if aux_total is not None and self.training:
+                loss = loss + aux_total
+        return MiniMindCausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
+                                      aux_loss=aux_total)
+
+    def num_parameters_unique(self) -> int:
+        """Parameter count with the tied embedding counted once (the figure MiniMind v1 reports)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x active matmul params + causal attention scores."""
+        c = self.config
+        n = sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
+        n += c.vocab_size * c.dim  # the (tied) output projection is a matmul even though it is shared
+        if c.use_moe:
+            expert = 3 * c.dim * c.ffn_hidden_dim
+            n -= c.n_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
+        attn = 12 * c.n_layers * c.dim * seq_len // 2  # QK^T and PV, halved for causality
+        return 6 * n + attn
+
+
+def _padded_causal_mask(pad: torch.Tensor, T: int, past: int) -> torch.Tensor:
+    """(B, 1, T, past+T) boolean mask: causal, and no attending to padded keys.
+
+    Each query may always see itself, so a padded query row is never all -inf (which would give NaNs).
+    """
+    total = pad.shape[1]
+    q_pos = torch.arange(past, past + T, device=pad.device)[:, None]
+    k_pos = torch.arange(total, device=pad.device)[None, :]
+    allowed = (k_pos <= q_pos) & pad[:, None, :]
+    allowed = allowed | (k_pos == q_pos)
+    return allowed.unsqueeze(1)
+
+
+AutoConfig.register("minimind", LMConfig, exist_ok=True)
+AutoModelForCausalLM.register(LMConfig, MiniMindForCausalLM, exist_ok=True)
+
+# v1 called the model class `Transformer`; keep the name importable for old scripts.
+Transformer = MiniMindForCausalLM
