@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny configs (dim 64, 2 layers) that run in milliseconds on a CPU."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.LMConfig import LMConfig  # noqa: E402
+from model.model import MiniMindForCausalLM  # noqa: E402
+
+TOKENIZER_DIR = ROOT / "model" / "minimind_tokenizer"
+
+
+def tiny_config(**overrides) -> LMConfig:
+    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=32)
+    fields.update(overrides)
+    return LMConfig(**fields)
+
+
+def tiny_model(seed: int = 0, spread: float = 0.3, **overrides) -> MiniMindForCausalLM:
+    """A tiny model in eval mode whose weights are spread wide enough that greedy decoding does not just repeat
+    the last token (as a freshly initialised tied-embedding model does)."""
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(tiny_config(**overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, spread if "tok_embeddings" not in name else 1.0)
+    return model.eval()
+
+
+@pytest.fixture
+def dense_model():
+    return tiny_model()
+
+
+@pytest.fixture
+def moe_model():
+    return tiny_model(use_moe=True)
