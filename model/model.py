@@ -373,14 +373,15 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 x active matmul params + causal attention scores."""
+        """Training FLOPs per token (forward + backward): 6 x active matmul params + 12 x layers x dim x seq_len for
+        attention scores (the PaLM/nanoGPT convention, which does not halve for causality)."""
         c = self.config
         n = sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
         n += c.vocab_size * c.dim  # the (tied) output projection is a matmul even though it is shared
         if c.use_moe:
             expert = 3 * c.dim * c.ffn_hidden_dim
             n -= c.n_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
-        attn = 12 * c.n_layers * c.dim * seq_len // 2  # QK^T and PV, halved for causality
+        attn = 12 * c.n_layers * c.dim * seq_len
         return 6 * n + attn
 
 

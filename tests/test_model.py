@@ -196,3 +196,15 @@ def test_model_args_presets_and_overrides():
 def test_invalid_head_config_is_rejected():
     with pytest.raises(ValueError, match="n_kv_heads"):
         LMConfig(dim=64, n_heads=4, n_kv_heads=3)
+
+
+def test_flops_per_token_counts_active_params():
+    dense = MiniMindForCausalLM(LMConfig())
+    # 6 x matmul weights (the tied embedding counted once, as the output projection) + attention scores
+    n = sum(p.numel() for p in dense.parameters() if p.dim() == 2)
+    assert dense.flops_per_token(512) == 6 * n + 12 * 8 * 512 * 512
+    moe = MiniMindForCausalLM(LMConfig(use_moe=True))
+    # only 2 of the 4 routed experts run per token
+    idle = 8 * 2 * 3 * 512 * 1408
+    n_moe = sum(p.numel() for p in moe.parameters() if p.dim() == 2) - idle
+    assert moe.flops_per_token(512) == 6 * n_moe + 12 * 8 * 512 * 512
