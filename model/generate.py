@@ -20,11 +20,14 @@ import torch
 
 from .model import KVCache
 
+# Dividing logits by a temperature this small overflows to inf; the limit of such sampling is greedy anyway.
+GREEDY_BELOW = 1e-4
+
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0  # 1 disables
     repetition_penalty: float = 1.0  # 1 disables
@@ -56,7 +59,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token per row from float logits (B, V)."""
-    if p.temperature == 0:
+    if p.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
@@ -117,7 +120,7 @@ def stream(
     max_context = max_context or config.context_length
     device = next(model.parameters()).device
     generator = None
-    if p.seed is not None and p.temperature > 0:
+    if p.seed is not None and p.temperature >= GREEDY_BELOW:
         generator = torch.Generator(device=device).manual_seed(p.seed)
 
     ids, mask = left_pad(prompts, pad_token_id, device)

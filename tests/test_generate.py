@@ -108,6 +108,7 @@ def test_top_k_and_top_p_restrict_the_candidates():
     picks = {int(sample_next(logits, SamplingParams(temperature=1.0, top_p=0.01), g)) for _ in range(50)}
     assert picks == {0}
     assert int(sample_next(logits, SamplingParams(temperature=0), None)) == 0
+    assert int(sample_next(logits, SamplingParams(temperature=1e-40), None)) == 0  # no inf/NaN from tiny temps
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0)])

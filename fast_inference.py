@@ -1,0 +1,120 @@
+"""Chat with a MiniMind checkpoint in the browser (streamlit).
+
+    streamlit run fast_inference.py
+    streamlit run fast_inference.py -- --ckpt out/full_sft_512_moe.pth --use_moe
+    streamlit run fast_inference.py -- --preset minimind-v1 --ckpt out/full_sft_768.pth
+    streamlit run fast_inference.py --server.address 127.0.0.1 --server.port 8501 -- --device cpu
+
+Flags after `--` are the usual model-shape flags (--preset --dim --n_layers ...; they must match the checkpoint)
+plus --ckpt (the checkpoint selected at start), --tokenizer_dir and --device. The sidebar lists every out/*.pth and
+takes any other path; it also holds the sampling settings, the system prompt and a button that clears the chat.
+The model is loaded once per (checkpoint, shape, device) and shared by every browser tab, on the GPU when there is one.
+Each turn sends the whole conversation through the chat template; the oldest turns are dropped when it no longer fits.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from model.checkpoint import OUT_DIR, ROOT_DIR, default_device, load_model, load_tokenizer
+from model.generate import SamplingParams
+from model.LMConfig import add_model_args, config_from_args
+from model.serving import ChatEngine
+
+SHAPE_FLAGS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "use_moe", "rope_scaling_factor")
+
+st.set_page_config(page_title="MiniMind", page_icon="🤖")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(prog="streamlit run fast_inference.py --")
+    parser.add_argument("--ckpt", default=None, help="checkpoint selected at start (default out/full_sft_{dim}.pth)")
+    parser.add_argument("--tokenizer_dir", default=None)
+    parser.add_argument("--device", default=None, help="cuda / mps / cpu (default: best available)")
+    add_model_args(parser)
+    return parser.parse_known_args(sys.argv[1:])
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def load_engine(ckpt: str, modified: float, shape: tuple, tokenizer_dir: str | None, device: str) -> ChatEngine:
+    """Cached on its arguments: `modified` (the file's mtime) makes a re-trained checkpoint load again."""
+    config = config_from_args(argparse.Namespace(**dict(shape)))
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    return ChatEngine(load_model(ckpt, config, device=device, dtype=dtype), load_tokenizer(tokenizer_dir))
+
+
+def show_name(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT_DIR))
+    except ValueError:
+        return str(path)
+
+
+try:
+    args, unknown = parse_args()
+except SystemExit:  # argparse already printed why to the terminal
+    st.error("Bad command-line flags (see the terminal). Usage: `streamlit run fast_inference.py -- --ckpt PATH "
+             "[--dim ... --n_layers ... --use_moe]`")
+    st.stop()
+config = config_from_args(args)
+device = args.device or default_device()
+
+# --- Sidebar: which model, how to sample ---------------------------------------------------------------------------
+st.sidebar.title("MiniMind")
+default_ckpt = Path(args.ckpt) if args.ckpt else OUT_DIR / f"full_sft_{config.file_suffix}.pth"
+choices = sorted({default_ckpt, *OUT_DIR.glob("*.pth")}, key=lambda p: (p != default_ckpt, str(p)))
+chosen = st.sidebar.selectbox("Checkpoint", choices, format_func=show_name)
+typed = st.sidebar.text_input("…or another checkpoint path", "").strip()
+ckpt = Path(typed).expanduser() if typed else chosen
+st.sidebar.caption(f"shape: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads"
+                   f"{', MoE' if config.use_moe else ''} · {device} — set with flags after `--`")
+if unknown:
+    st.sidebar.warning(f"ignored command-line arguments: {' '.join(unknown)}")
+
+if "messages" not in st.session_state:
+    st.session_state.messages = []
+if st.sidebar.button("Clear history", use_container_width=True):
+    st.session_state.messages = []
+
+st.title("MiniMind chat")
+if not ckpt.is_file():
+    st.info(f"No checkpoint at `{show_name(ckpt)}`. Train one (e.g. `python 3-full_sft.py`), pick another file in "
+            "the sidebar, or start the page with `streamlit run fast_inference.py -- --ckpt PATH`.")
+    st.stop()
+try:
+    engine = load_engine(str(ckpt), ckpt.stat().st_mtime, tuple((f, getattr(args, f)) for f in SHAPE_FLAGS),
+                         args.tokenizer_dir, device)
+except (FileNotFoundError, RuntimeError, ValueError, OSError) as err:
+    st.error(f"Could not load `{show_name(ckpt)}`:\n\n{err}")
+    st.stop()
+
+temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 1.5, 0.7, 0.05)
+top_p = st.sidebar.slider("Top-p", 0.05, 1.0, 0.9, 0.05)
+max_new_tokens = int(st.sidebar.number_input("Max new tokens", 1, engine.max_reply_tokens,
+                                             max(1, engine.context_length // 4), step=16))
+system_prompt = st.sidebar.text_area("System prompt", "", help="prepended to every conversation")
+
+# --- The conversation ------------------------------------------------------------------------------------------------
+for message in st.session_state.messages:
+    with st.chat_message(message["role"]):
+        st.markdown(message["content"])
+
+if question := st.chat_input("Message MiniMind"):
+    st.session_state.messages.append({"role": "user", "content": question})
+    with st.chat_message("user"):
+        st.markdown(question)
+    conversation = ([{"role": "system", "content": system_prompt}] if system_prompt.strip() else []) \
+        + st.session_state.messages
+    # Leave room for the reply, but never more than half the context, so a long reply setting cannot push the
+    # question itself out (a reply longer than the room left slides the window instead). The oldest turns go first.
+    reply_room = min(max_new_tokens, engine.context_length // 2)
+    budget = max(engine.min_prompt_tokens, engine.context_length - reply_room)
+    prompt_ids = engine.build_prompt(conversation, budget=budget)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    with st.chat_message("assistant"):
+        answer = st.write_stream(engine.reply(prompt_ids, params))
+    answer = answer if isinstance(answer, str) else "".join(map(str, answer))
+    st.session_state.messages.append({"role": "assistant", "content": answer})
