@@ -7,7 +7,6 @@ state dicts, and ones saved from DDP (`module.`) or `torch.compile` (`_orig_mod.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -81,8 +80,8 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     """torch.save to a temp file in the same folder, then rename: a killed run never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # A plain file name (not mkstemp) so the file gets the usual umask permissions rather than 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

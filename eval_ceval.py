@@ -1,0 +1,454 @@
+"""Evaluate a checkpoint on C-Eval or CMMLU multiple-choice questions: per-subject accuracy, a total, a bar chart.
+
+    python eval_ceval.py --ckpt out/full_sft_512.pth --data_dir ../ceval-exam --split val
+    python eval_ceval.py --ckpt out/full_sft_512.pth --data_dir ../ceval-exam --split val --shots 5
+    python eval_ceval.py --ckpt out/full_sft_512_moe.pth --use_moe --data_dir ../ceval-exam --split test
+    python eval_ceval.py --ckpt out/full_sft_512.pth --benchmark cmmlu --data_dir ../cmmlu --split test
+
+Data layouts (the benchmarks are not bundled; see the README for where to download them):
+- C-Eval: `{subject}_{split}.csv` with columns id,question,A,B,C,D,answer (the test split has no answer column),
+  either directly in --data_dir or in --data_dir/{split}/ (the layout of the official ceval-exam.zip).
+  An optional `subject_mapping.json` in --data_dir gives the subjects' Chinese names for the prompt.
+- CMMLU: `{subject}.csv` with columns ,Question,A,B,C,D,Answer, in --data_dir/dev/ and --data_dir/test/
+  (or directly in --data_dir).
+
+Scoring: each question is rendered with the tokenizer's chat template as a user message; the few-shot examples
+(the subject's first --shots dev questions) come before it as earlier user turns answered by the assistant with
+their letter. The prediction is whichever of the tokens "A", "B", "C", "D" has the highest logit at the start of
+the assistant's reply. Nothing is generated, so a model that would ramble instead of answering still gets scored.
+
+Outputs in --out_dir: one predictions CSV per subject, predictions.json ({subject: {id: letter}}, the shape C-Eval's
+submission site takes), summary.csv/summary.json (subject, correct, total, accuracy) and the bar chart in images/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer
+from model.generate import left_pad
+from model.LMConfig import add_model_args, config_from_args
+
+ROOT_DIR = Path(__file__).resolve().parent
+LETTERS = ("A", "B", "C", "D")
+SPLITS = {"ceval": ("val", "dev", "test"), "cmmlu": ("dev", "test")}
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    options: list[str]  # the texts of A, B, C, D
+    answer: str | None  # "A".."D", or None when the split has no labels
+    line: int  # line in the CSV file, for messages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the data
+
+
+def split_folder(data_dir: Path, split: str) -> Path:
+    """Where one split's files are: data_dir/{split}/, or a sibling of data_dir when data_dir is itself a split's
+    folder (`--data_dir ceval-exam/val` still finds ceval-exam/dev for few-shot examples), or data_dir itself."""
+    if (data_dir / split).is_dir():
+        return data_dir / split
+    if data_dir.name in ("val", "dev", "test") and (data_dir.parent / split).is_dir():
+        return data_dir.parent / split
+    return data_dir
+
+
+def subject_files(data_dir: Path, benchmark: str, split: str) -> dict[str, Path]:
+    """{subject: csv path} for one split."""
+    folder = split_folder(data_dir, split)
+    if benchmark == "ceval":
+        suffix = f"_{split}.csv"
+        return {p.name[: -len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}"))}
+    return {p.stem: p for p in sorted(folder.glob("*.csv"))}
+
+
+def read_questions(path: Path, problems: list[str]) -> tuple[list[Question], bool]:
+    """The well-formed rows of one CSV and whether the file has an answer column.
+
+    Column names are matched case-insensitively, so C-Eval's `question,answer` and CMMLU's `Question,Answer` read
+    the same way; the id is C-Eval's `id` or CMMLU's unnamed first column. Bad rows are appended to `problems` as
+    "file:line: reason" and skipped; an unreadable file is reported and yields no questions.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: files saved by Excel start with a BOM
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(f"{path}: cannot read ({err}); skipped the file")
+        return [], False
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+    except csv.Error as err:
+        problems.append(f"{path}: malformed CSV header ({err}); skipped the file")
+        return [], False
+    if not header:
+        problems.append(f"{path}: empty file; skipped")
+        return [], False
+    columns = {name.strip().lower(): i for i, name in enumerate(header)}
+    missing = [c for c in ("question", "a", "b", "c", "d") if c not in columns]
+    if missing:
+        problems.append(f"{path}: no column(s) {', '.join(missing)} in header {header}; skipped the file")
+        return [], False
+    id_col = columns.get("id", 0 if header[0].strip() == "" else None)
+    answer_col = columns.get("answer")
+
+    questions = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            problems.append(f"{path}:{reader.line_num}: malformed CSV ({err}); skipped the rest of the file")
+            break
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue  # blank lines are not worth a message
+        if len(row) != len(header):
+            problems.append(f"{path}:{line}: expected {len(header)} fields, got {len(row)}; skipped the row")
+            continue
+        question = row[columns["question"]].strip()
+        if not question:
+            problems.append(f"{path}:{line}: empty question; skipped the row")
+            continue
+        answer = None
+        if answer_col is not None:
+            answer = row[answer_col].strip().upper()
+            if answer not in LETTERS:
+                problems.append(f"{path}:{line}: answer {row[answer_col]!r} is not one of A/B/C/D; skipped the row")
+                continue
+        qid = row[id_col].strip() if id_col is not None else ""
+        questions.append(Question(id=qid or str(len(questions)), question=question,
+                                  options=[row[columns[c]].strip() for c in ("a", "b", "c", "d")],
+                                  answer=answer, line=line))
+    return questions, answer_col is not None
+
+
+def subject_titles(data_dir: Path) -> dict[str, str]:
+    """C-Eval's subject_mapping.json ({subject: [English, 中文, category]}) gives Chinese names; optional."""
+    path = data_dir / "subject_mapping.json"
+    if not path.exists():
+        path = data_dir.parent / "subject_mapping.json"  # --data_dir pointed at a split's folder
+    if not path.exists():
+        return {}
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        return {k: v[1] for k, v in mapping.items() if isinstance(v, list) and len(v) > 1 and isinstance(v[1], str)}
+    except (OSError, ValueError, AttributeError) as err:
+        print(f"warning: ignoring {path} ({err})")
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts and scoring
+
+
+def format_question(q: Question) -> str:
+    return q.question + "\n" + "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, q.options))
+
+
+def build_messages(title: str, q: Question, shots: list[Question]) -> list[dict]:
+    """Chat messages for one question: the instruction, the few-shot turns (question -> letter), the question."""
+    header = f"以下是关于{title}的单项选择题，请直接给出正确答案的选项。\n\n"
+    messages = []
+    for shot in shots:
+        messages.append({"role": "user", "content": format_question(shot)})
+        messages.append({"role": "assistant", "content": shot.answer})
+    messages.append({"role": "user", "content": format_question(q)})
+    messages[0] = {"role": "user", "content": header + messages[0]["content"]}
+    return messages
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template writes <s> and </s> itself, so the tokenizer must not add them again.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_prompt(tokenizer, title: str, q: Question, shots: list[Question], max_tokens: int):
+    """Token ids of the prompt, the number of shots that fit, and whether the prompt had to be cut.
+
+    A prompt longer than the model's context first loses few-shot examples (the last ones); a zero-shot prompt
+    that is still too long keeps its last `max_tokens` tokens, so the options and the answer slot stay in view.
+    """
+    n = len(shots)
+    while True:
+        ids = encode_prompt(tokenizer, build_messages(title, q, shots[:n]))
+        if len(ids) <= max_tokens:
+            return ids, n, False
+        if n == 0:
+            return ids[-max_tokens:], 0, True
+        n -= 1
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """The ids of "A".."D"; each letter must be a single token, or comparing four logits would not make sense."""
+    ids = []
+    for letter in LETTERS:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"the tokenizer splits {letter!r} into {len(encoded)} tokens {encoded}; "
+                             "letter scoring needs one token per answer letter")
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the answer letters share token ids {ids}")
+    return ids
+
+
+@torch.inference_mode()
+def letter_logits(model, prompts: list[list[int]], letter_ids: list[int], batch_size: int,
+                  pad_id: int) -> torch.Tensor:
+    """(N, 4) float32 logits of A..D at the position after each prompt, in the order of `prompts`."""
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), len(letter_ids), dtype=torch.float32)
+    # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    index = torch.tensor(letter_ids, device=device)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
+        logits = model(ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        out[rows] = logits.index_select(-1, index).float().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing results
+
+
+def publish(tmp: str, path: Path):
+    """Rename a finished temp file into place with the usual permissions (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def plot_accuracy(summary: list[dict], overall: float, title: str, path: Path):
+    """Horizontal bars of per-subject accuracy, sorted, with the 25% chance level and the overall accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(summary, key=lambda r: r["accuracy"])
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(rows) + 1.5)))
+    bars = ax.barh([r["subject"] for r in rows], [100 * r["accuracy"] for r in rows], color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{r['correct']}/{r['total']}" for r in rows], padding=3, fontsize=7)
+    ax.axvline(25, color="grey", linestyle="--", linewidth=1, label="chance (25%)")
+    ax.axvline(100 * overall, color="#c44e52", linewidth=1.5, label=f"overall ({100 * overall:.1f}%)")
+    ax.set_xlim(0, 100)
+    ax.margins(y=0.01)
+    ax.set_xlabel("accuracy (%)")
+    ax.set_title(title)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        publish(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def print_problems(problems: list[str], limit: int = 30):
+    if not problems:
+        return
+    print(f"\n{len(problems)} problem(s) in the data (reported and skipped):")
+    for msg in problems[:limit]:
+        print(f"  {msg}")
+    if len(problems) > limit:
+        print(f"  ... and {len(problems) - limit} more")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate a MiniMind checkpoint on C-Eval / CMMLU.")
+    parser.add_argument("--ckpt", required=True, help="a .pth state dict, e.g. out/full_sft_512.pth")
+    parser.add_argument("--data_dir", required=True, help="the benchmark folder (see the layouts above)")
+    parser.add_argument("--benchmark", choices=sorted(SPLITS), default="ceval")
+    parser.add_argument("--split", default="val", help="ceval: val|dev|test; cmmlu: dev|test")
+    parser.add_argument("--shots", type=int, default=0, choices=range(6), help="few-shot examples from dev (0..5)")
+    parser.add_argument("--subjects", nargs="*", default=None, help="only these subjects (default: all)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--out_dir", default=None, help="default: eval_results/{benchmark}_{split}")
+    parser.add_argument("--chart", default=None, help="default: images/{benchmark}_{split}_accuracy.png")
+    parser.add_argument("--tokenizer_dir", default=str(TOKENIZER_DIR))
+    parser.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="auto: bfloat16 on CUDA, float32 elsewhere")
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    if args.split not in SPLITS[args.benchmark]:
+        parser.error(f"--split {args.split!r}: {args.benchmark} has the splits {', '.join(SPLITS[args.benchmark])}")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        sys.exit(f"error: --data_dir {data_dir} is not a folder; download the benchmark first (see README)")
+    files = subject_files(data_dir, args.benchmark, args.split)
+    if args.subjects:
+        unknown = sorted(set(args.subjects) - set(files))
+        if unknown:
+            print(f"warning: no {args.split} file for subject(s) {', '.join(unknown)}; skipped")
+        files = {s: p for s, p in files.items() if s in args.subjects}
+    if not files:
+        expected = "{subject}_" + args.split + ".csv" if args.benchmark == "ceval" else "{subject}.csv"
+        sys.exit(f"error: no {expected} files in {split_folder(data_dir, args.split)}")
+    dev_files = subject_files(data_dir, args.benchmark, "dev") if args.shots else {}
+    titles = subject_titles(data_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else ROOT_DIR / "eval_results" / f"{args.benchmark}_{args.split}"
+    chart = Path(args.chart) if args.chart else ROOT_DIR / "images" / f"{args.benchmark}_{args.split}_accuracy.png"
+
+    device = args.device or default_device()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    config = config_from_args(args)
+    if len(tokenizer) > config.vocab_size:
+        sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}")
+    model = load_model(args.ckpt, config, device=device, dtype=dtype)
+    letter_ids = letter_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_tokens = config.context_length
+    print(f"{args.benchmark} {args.split}: {len(files)} subject(s), {args.shots}-shot, {args.ckpt} on {device} "
+          f"({dtype}), context {max_tokens} tokens")
+
+    problems: list[str] = []
+    summary, unlabelled, all_predictions = [], [], {}
+    n_cut, n_fewer_shots, start = 0, 0, time.time()
+    for k, (subject, path) in enumerate(files.items(), 1):
+        questions, labelled = read_questions(path, problems)
+        if not questions:
+            problems.append(f"{path}: no usable questions; skipped the subject")
+            continue
+        shots_pool: list[Question] = []
+        if args.shots:
+            if subject in dev_files:
+                shots_pool = [q for q in read_questions(dev_files[subject], problems)[0] if q.answer]
+            if len(shots_pool) < args.shots:
+                problems.append(f"{subject}: only {len(shots_pool)} dev example(s) for {args.shots} shots")
+        title = titles.get(subject, subject.replace("_", " "))
+        prompts, used_shots = [], []
+        for q in questions:
+            # On the dev split a question must not be its own example.
+            pool = [s for s in shots_pool if not (args.split == "dev" and s.id == q.id)][: args.shots]
+            ids, n, cut = build_prompt(tokenizer, title, q, pool, max_tokens)
+            prompts.append(ids)
+            used_shots.append(n)
+            n_cut += cut
+            n_fewer_shots += n < len(pool)
+        logits = letter_logits(model, prompts, letter_ids, args.batch_size, pad_id)
+        probs = logits.softmax(dim=-1)
+        predicted = [LETTERS[i] for i in logits.argmax(dim=-1).tolist()]
+        all_predictions[subject] = {q.id: p for q, p in zip(questions, predicted)}
+
+        probs_text = [[f"{x:.4f}" for x in row] for row in probs.tolist()]
+        extra = [[n, len(ids)] for n, ids in zip(used_shots, prompts)]
+        if labelled:
+            header = ["id", "answer", "prediction", "correct", *(f"p_{c}" for c in LETTERS), "shots", "prompt_tokens"]
+            rows = [[q.id, q.answer, pred, int(pred == q.answer), *p, *e]
+                    for q, pred, p, e in zip(questions, predicted, probs_text, extra)]
+        else:
+            header = ["id", "prediction", *(f"p_{c}" for c in LETTERS), "shots", "prompt_tokens"]
+            rows = [[q.id, pred, *p, *e] for q, pred, p, e in zip(questions, predicted, probs_text, extra)]
+        write_text_atomic(out_dir / f"{subject}.csv", csv_text(header, rows))
+
+        if labelled:
+            correct = sum(q.answer == p for q, p in zip(questions, predicted))
+            summary.append({"subject": subject, "correct": correct, "total": len(questions),
+                            "accuracy": correct / len(questions)})
+            print(f"[{k}/{len(files)}] {subject}: {correct}/{len(questions)} = {correct / len(questions):.4f}")
+        else:
+            unlabelled.append(subject)
+            print(f"[{k}/{len(files)}] {subject}: {len(questions)} predictions (no answers in this split)")
+
+    print_problems(problems)
+    if not all_predictions:
+        sys.exit("error: no subject had usable questions; nothing evaluated")
+    write_text_atomic(out_dir / "predictions.json", json.dumps(all_predictions, ensure_ascii=False, indent=1) + "\n")
+    n_questions = sum(len(p) for p in all_predictions.values())
+    print(f"\n{n_questions} questions in {time.time() - start:.1f}s; predictions in {out_dir}")
+    if n_fewer_shots:
+        print(f"{n_fewer_shots} prompt(s) used fewer shots than asked, to fit the {max_tokens}-token context")
+    if n_cut:
+        print(f"{n_cut} prompt(s) were longer than {max_tokens} tokens even zero-shot and lost their beginning")
+    if unlabelled:
+        print(f"{len(unlabelled)} subject(s) have no answers in the {args.split} split, so they are predictions only "
+              f"(no accuracy): {', '.join(unlabelled)}")
+    if not summary:
+        return 0
+
+    total_correct = sum(r["correct"] for r in summary)
+    total = sum(r["total"] for r in summary)
+    overall = total_correct / total
+    macro = sum(r["accuracy"] for r in summary) / len(summary)
+    width = max(len("TOTAL"), *(len(r["subject"]) for r in summary))
+    print(f"\n{'subject':<{width}}  {'correct':>7}  {'total':>6}  accuracy")
+    for r in summary:
+        print(f"{r['subject']:<{width}}  {r['correct']:>7}  {r['total']:>6}  {r['accuracy']:.4f}")
+    print(f"{'TOTAL':<{width}}  {total_correct:>7}  {total:>6}  {overall:.4f}")
+    print(f"mean of the {len(summary)} subject accuracies: {macro:.4f}")
+
+    rows = [[r["subject"], r["correct"], r["total"], f"{r['accuracy']:.4f}"] for r in summary]
+    rows.append(["TOTAL", total_correct, total, f"{overall:.4f}"])
+    write_text_atomic(out_dir / "summary.csv", csv_text(["subject", "correct", "total", "accuracy"], rows))
+    report = {"benchmark": args.benchmark, "split": args.split, "shots": args.shots, "ckpt": str(args.ckpt),
+              "subjects": summary, "total": {"correct": total_correct, "total": total, "accuracy": overall},
+              "macro_accuracy": macro, "unlabelled_subjects": unlabelled, "problems": problems}
+    write_text_atomic(out_dir / "summary.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    plot_accuracy(summary, overall, f"{args.benchmark} {args.split}, {args.shots}-shot: {Path(args.ckpt).name}",
+                  chart)
+    print(f"summary: {out_dir / 'summary.csv'}, {out_dir / 'summary.json'}; chart: {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

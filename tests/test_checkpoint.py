@@ -1,0 +1,47 @@
+"""Checkpoint helpers: atomic writes, wrapper prefixes, clear errors."""
+
+import pickle
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from model.checkpoint import atomic_save, load_model, load_state_dict
+
+
+def test_atomic_save_leaves_only_the_final_file(tmp_path):
+    path = atomic_save({"w": torch.ones(2)}, tmp_path / "sub" / "a.pth")
+    assert [p.name for p in path.parent.iterdir()] == ["a.pth"]
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+
+
+def test_atomic_save_failure_keeps_the_old_file(tmp_path):
+    path = atomic_save({"w": torch.zeros(1)}, tmp_path / "a.pth")
+    with pytest.raises(pickle.PicklingError):
+        atomic_save({"bad": lambda: None}, path)  # lambdas cannot be pickled
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]
+
+
+def test_load_model_strips_ddp_and_compile_prefixes(tmp_path):
+    model = tiny_model()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    atomic_save(wrapped, tmp_path / "w.pth")
+    loaded = load_model(tmp_path / "w.pth", tiny_config(), device="cpu")
+    x = torch.randint(0, 256, (1, 6))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    assert not loaded.training
+
+
+def test_resume_file_weights_are_accepted(tmp_path):
+    model = tiny_model()
+    atomic_save({"model": model.state_dict(), "step": 3}, tmp_path / "r.pt")
+    assert sorted(load_state_dict(tmp_path / "r.pt")) == sorted(model.state_dict())
+
+
+def test_clear_errors_for_missing_file_and_wrong_shape(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_model(tmp_path / "nope.pth", tiny_config())
+    atomic_save(tiny_model().state_dict(), tmp_path / "w.pth")
+    with pytest.raises(RuntimeError, match="--dim/--n_layers/--use_moe"):
+        load_model(tmp_path / "w.pth", tiny_config(dim=128))
