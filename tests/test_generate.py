@@ -147,7 +147,9 @@ def test_stream_text_returns_whole_characters():
     prompt = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False)
     ids = tok.encode(prompt, add_special_tokens=False)
     pieces = list(stream_text(model, tok, ids, max_new_tokens=30, temperature=1.0, seed=0))
-    assert pieces and all("\ufffd" not in p for p in pieces[:-1])
+    assert pieces
     new = generate(model, [ids], max_new_tokens=30, temperature=1.0, seed=0, eos_token_id=tok.eos_token_id)[0]
     new = [t for t in new if t != tok.eos_token_id]
+    # A random model may emit bytes that are not valid UTF-8 at all (shown as U+FFFD either way); what matters is
+    # that no character was split between pieces: a split one would decode as extra U+FFFDs and break equality.
     assert "".join(pieces) == tok.decode(new, skip_special_tokens=True)
