@@ -1,0 +1,38 @@
+"""Pretrain MiniMind on a tokenized corpus (made by `python data_process.py pretrain ...`).
+
+    python 1-pretrain.py                                              # one GPU (or CPU), dataset/pretrain_data.bin
+    python 1-pretrain.py --preset minimind-v1 --batch_size 32 --accumulation_steps 2 --compile
+    torchrun --nproc_per_node 8 1-pretrain.py                         # N GPUs with DDP
+    deepspeed --num_gpus 8 1-pretrain.py                              # ZeRO-2 from ds_config_zero2.json
+    deepspeed --num_gpus 8 1-pretrain.py --deepspeed ds_config_zero1.json
+    python 1-pretrain.py --resume                                     # continue exactly where a run stopped
+
+Writes out/pretrain_{dim}{_moe}.pth (a plain v1 state dict) every --save_interval steps and at the end, the resume
+state next to it, and images/pretrain_{dim}{_moe}_loss.png.
+"""
+
+import argparse
+
+from model.checkpoint import ROOT_DIR
+from model.dataset import PretrainDataset
+from model.LMConfig import add_model_args, config_from_args
+from model.model import MiniMindForCausalLM
+from model.train_utils import add_train_args, compute_cleanup, compute_init, print0, train
+
+parser = argparse.ArgumentParser(description="MiniMind pretraining")
+add_model_args(parser)
+add_train_args(parser, data_path=str(ROOT_DIR / "dataset" / "pretrain_data.bin"), batch_size=32,
+               learning_rate=5e-4, warmup_iters=100, save_interval=1000, log_interval=100)
+parser.add_argument("--doc_mask", action="store_true",
+                    help="no attention across documents in a packed window (slower: no flash kernel)")
+args = parser.parse_args()
+
+rt = compute_init(args)
+config = config_from_args(args)
+model = MiniMindForCausalLM(config)  # same seed on every rank, so every rank starts from the same weights
+dataset = PretrainDataset(args.data_path, config.max_seq_len, doc_mask=args.doc_mask)
+print0(f"{args.data_path}: {dataset.n_docs:,} documents, {dataset.n_tokens:,} tokens, "
+       f"{len(dataset):,} windows of {config.max_seq_len}")
+train(args, rt, model, dataset, weights_name=f"pretrain_{config.file_suffix}",
+      run_name=f"pretrain_{config.file_suffix}")
+compute_cleanup()

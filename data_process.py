@@ -1,0 +1,450 @@
+"""Turn raw MiniMind data into the files training reads. One command per stage:
+
+    python data_process.py pretrain --input ../shared/data/pretrain_zh-0*.jsonl.gz --output dataset/pretrain_data.bin
+    python data_process.py pretrain --input seq_monkey.jsonl --output dataset/pretrain_data.bin --dedup
+    python data_process.py sft      --input sft_data_zh.jsonl --output dataset/sft_data.bin --max_seq_len 512
+    python data_process.py dpo      --input dpo_zh.jsonl.gz --output dataset/dpo_data.jsonl
+
+Inputs are .jsonl or .jsonl.gz (pretrain also takes .csv/.csv.gz with a `text` column):
+- pretrain: Seq-Monkey {"text": ...}; each document becomes <s> tokens </s>, kept whole however long.
+- sft: deepctrl {"history": [[q, a], ...], "input"/"q", "output"/"a"} (an "instruction" is put before the input,
+  an optional "system" becomes the system prompt), or {"messages"/"conversations": [{"role", "content"}, ...]}.
+- dpo: {"chosen": [messages], "rejected": [messages]} -> JSONL {"prompt", "chosen", "rejected"} strings.
+
+Files are read as a stream in chunks of lines and tokenized by a pool of worker processes, with at most a few
+chunks in flight, so memory stays flat whatever the input size. Malformed lines are skipped, counted and listed;
+an input with no usable record exits non-zero. Output goes to a temp file renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections import deque
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from model.checkpoint import TOKENIZER_DIR
+from model.dataset import TokenFileWriter, conversation_segments, truncate_turns_with_bounds, validate_messages
+
+csv.field_size_limit(sys.maxsize)
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading: (file, first line number, raw lines) chunks, streamed
+
+
+def _open_binary(path: Path):
+    raw = open(path, "rb")
+    stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+    return raw, stream
+
+
+def read_chunks(paths: list[Path], chunk_lines: int, progress: tqdm):
+    """Yield (path, first_line_no, lines) with lines as raw bytes (decoded in the workers, so bad UTF-8 is counted
+    per line). CSV rows come as already-parsed dicts."""
+    done_bytes = 0
+    for path in paths:
+        raw, stream = _open_binary(path)
+        with raw, stream:
+            is_csv = path.name.removesuffix(".gz").endswith(".csv")
+            if is_csv:
+                text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+                rows = ({"text": row.get("text")} for row in csv.DictReader(text))
+                lines = (json.dumps(row, ensure_ascii=False).encode() for row in rows)
+                first_line = 2  # after the header row; numbers are CSV records, not physical lines
+            else:
+                lines, first_line = stream, 1
+            chunk, lineno = [], first_line
+            for line in lines:
+                chunk.append(line)
+                if len(chunk) == chunk_lines:
+                    yield path.name, lineno, chunk
+                    lineno += len(chunk)
+                    chunk = []
+                    progress.update(done_bytes + raw.tell() - progress.n)
+            if chunk:
+                yield path.name, lineno, chunk
+            done_bytes += path.stat().st_size
+            progress.update(done_bytes - progress.n)
+
+
+def bounded_imap(pool, fn, items, max_pending: int):
+    """Like pool.imap (results in order) but never reads more than max_pending items ahead: Pool.imap itself
+    drains the whole input iterator into its task queue, which would load a big corpus into memory."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def parse_line(line: bytes):
+    """A JSON object from one raw line, or (None, reason)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid UTF-8"
+    if not text.strip():
+        return None, "blank line"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None, "invalid JSON"
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    return obj, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers: one tokenizer per process, loaded by the pool initializer
+
+_worker = {}
+
+
+def init_worker(stage: str, tokenizer_dir: str, dedup: bool, num_perm: int, max_seq_len: int | None):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the process pool
+    _worker.update(stage=stage, dedup=dedup, num_perm=num_perm, max_seq_len=max_seq_len)
+    if stage == "pretrain":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        tok.encode_special_tokens = True  # a literal "</s>" in a document is text, not a document boundary
+        _worker.update(tok=tok, bos=tok.token_to_id("<s>"), eos=tok.token_to_id("</s>"))
+    else:
+        from model.checkpoint import load_tokenizer
+
+        _worker["tok"] = load_tokenizer(tokenizer_dir)
+    if dedup:
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        jieba.initialize()
+
+
+def minhash_signature(text: str, num_perm: int, shingle: int = 3):
+    """MinHash over jieba word shingles: near-duplicate documents share most of their word 3-grams."""
+    import jieba
+    from datasketch import LeanMinHash, MinHash
+
+    words = [w for w in jieba.lcut(text) if w.strip()]
+    grams = {"".join(words[i:i + shingle]) for i in range(max(len(words) - shingle + 1, 1))}
+    m = MinHash(num_perm=num_perm, seed=1)
+    m.update_batch([g.encode("utf-8") for g in grams])
+    return LeanMinHash(m)  # compact and picklable, to send back to the main process
+
+
+def pretrain_chunk(chunk):
+    name, first, lines = chunk
+    texts, bad = [], []
+    for i, line in enumerate(lines):
+        obj, why = parse_line(line)
+        if obj is not None:
+            text = obj.get("text")
+            if not isinstance(text, str):
+                why = "missing or non-string 'text'"
+            elif not text.strip():
+                why = "empty 'text'"
+            else:
+                texts.append(text)
+                continue
+        if why != "blank line":
+            bad.append((name, first + i, why))
+    tok = _worker["tok"]
+    docs = [np.array([_worker["bos"], *enc.ids, _worker["eos"]], dtype=np.uint32)
+            for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    sigs = None
+    if _worker["dedup"]:
+        sigs = [(hashlib.md5(" ".join(t.split()).encode()).digest(), minhash_signature(t, _worker["num_perm"]))
+                for t in texts]
+    return dict(docs=docs, bad=bad, n_bytes=sum(len(x) for x in lines), sigs=sigs)
+
+
+def sft_messages(obj: dict):
+    """The conversation in a deepctrl-style or messages-style record, or a reason string if it has none."""
+    msgs = obj.get("messages", obj.get("conversations"))
+    if msgs is not None:
+        return msgs if isinstance(msgs, list) else "'messages' is not a list"
+    question = obj.get("input", obj.get("q"))
+    answer = obj.get("output", obj.get("a"))
+    instruction = obj.get("instruction") or ""
+    if not isinstance(question, str) or not isinstance(answer, str) or not isinstance(instruction, str):
+        return "missing or non-string 'input'/'q' or 'output'/'a'"
+    question = "\n".join(p for p in (instruction, question) if p)
+    if not question.strip() or not answer.strip():
+        return "empty question or answer"
+    history = obj.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 and
+                                                all(isinstance(x, str) for x in h) for h in history):
+        return "'history' must be a list of [question, answer] string pairs"
+    msgs = []
+    if isinstance(obj.get("system"), str) and obj["system"].strip():
+        msgs.append({"role": "system", "content": obj["system"]})
+    for q, a in history:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return msgs + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def sft_chunk(chunk):
+    name, first, lines = chunk
+    samples, bad, too_long = [], [], 0
+    for i, line in enumerate(lines):
+        obj, why = parse_line(line)
+        if obj is not None:
+            msgs = sft_messages(obj)
+            if isinstance(msgs, str):
+                why = msgs
+            else:
+                try:
+                    ids, mask, bounds = conversation_segments(_worker["tok"], msgs)
+                except ValueError as err:
+                    why = str(err)
+                else:
+                    fitted = truncate_turns_with_bounds(ids, mask, bounds, _worker["max_seq_len"])
+                    if fitted is None:
+                        too_long += 1
+                        continue
+                    ids, mask, bounds = fitted
+                    samples.append((np.array(ids, np.uint32), np.array(mask, np.uint8), np.array(bounds, np.uint32)))
+                    continue
+        if why != "blank line":
+            bad.append((name, first + i, why))
+    return dict(samples=samples, bad=bad, n_bytes=sum(len(x) for x in lines), too_long=too_long)
+
+
+def dpo_chunk(chunk):
+    name, first, lines = chunk
+    records, bad, skipped = [], [], {"identical": 0, "prompt differs": 0}
+    tok = _worker["tok"]
+    for i, line in enumerate(lines):
+        obj, why = parse_line(line)
+        if obj is not None:
+            chosen, rejected = obj.get("chosen"), obj.get("rejected")
+            try:
+                if not isinstance(chosen, list) or not isinstance(rejected, list):
+                    raise ValueError("'chosen' and 'rejected' must be message lists")
+                for msgs in (chosen, rejected):
+                    validate_messages(msgs)
+                if chosen[:-1] != rejected[:-1]:
+                    skipped["prompt differs"] += 1
+                    continue
+                prompt = tok.apply_chat_template(chosen[:-1], tokenize=False)
+                good = tok.apply_chat_template(chosen, tokenize=False)[len(prompt):]
+                worse = tok.apply_chat_template(rejected, tokenize=False)[len(prompt):]
+                if good == worse:
+                    skipped["identical"] += 1
+                    continue
+                records.append({"prompt": prompt, "chosen": good, "rejected": worse})
+                continue
+            except ValueError as err:
+                why = str(err)
+        if why != "blank line":
+            bad.append((name, first + i, why))
+    return dict(records=records, bad=bad, n_bytes=sum(len(x) for x in lines), skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sinks: collect worker results into the output file
+
+
+class PretrainSink:
+    def __init__(self, out: Path, vocab_size: int, dedup_threshold: float | None, num_perm: int):
+        self.writer = TokenFileWriter(out, "pretrain", {"tokens": "uint16" if vocab_size <= 65536 else "uint32",
+                                                        "doc_offsets": "uint64"})
+        self.writer.append("doc_offsets", [0])
+        self.n_tokens = self.kept = self.duplicates = 0
+        self.lsh = self.seen = None
+        if dedup_threshold is not None:
+            from datasketch import MinHashLSH
+
+            self.lsh, self.seen, self.num_perm = MinHashLSH(threshold=dedup_threshold, num_perm=num_perm), set(), num_perm
+
+    def is_duplicate(self, exact_key, m) -> bool:
+        if exact_key in self.seen:
+            return True
+        if self.lsh.query(m):
+            return True
+        self.seen.add(exact_key)
+        self.lsh.insert(str(len(self.seen)), m, check_duplication=False)
+        return False
+
+    def add(self, result):
+        docs = result["docs"]
+        if self.lsh is not None:
+            keep = [not self.is_duplicate(*sig) for sig in result["sigs"]]
+            self.duplicates += keep.count(False)
+            docs = [d for d, k in zip(docs, keep) if k]
+        if not docs:
+            return
+        lengths = np.array([len(d) for d in docs], dtype=np.uint64)
+        self.writer.append("tokens", np.concatenate(docs))
+        self.writer.append("doc_offsets", self.n_tokens + np.cumsum(lengths))
+        self.n_tokens += int(lengths.sum())
+        self.kept += len(docs)
+
+    def summary(self):
+        s = f"{self.kept:,} documents, {self.n_tokens:,} tokens"
+        if self.lsh is not None:
+            s += f"; dedup dropped {self.duplicates:,} exact/near-duplicate documents"
+        return s
+
+
+class SFTSink:
+    def __init__(self, out: Path, max_seq_len: int):
+        self.writer = TokenFileWriter(out, "sft", {"tokens": "uint16", "answer_mask": "uint8",
+                                                   "sample_offsets": "uint64", "turn_bounds": "uint32",
+                                                   "turn_offsets": "uint64"})
+        self.writer.append("sample_offsets", [0])
+        self.writer.append("turn_offsets", [0])
+        self.kept = self.n_tokens = self.n_bounds = self.too_long = self.answer_tokens = 0
+
+    def add(self, result):
+        self.too_long += result["too_long"]
+        for ids, mask, bounds in result["samples"]:
+            self.writer.append("tokens", ids)
+            self.writer.append("answer_mask", mask)
+            self.writer.append("turn_bounds", bounds)
+            self.n_tokens += len(ids)
+            self.n_bounds += len(bounds)
+            self.answer_tokens += int(mask.sum())
+            self.writer.append("sample_offsets", [self.n_tokens])
+            self.writer.append("turn_offsets", [self.n_bounds])
+            self.kept += 1
+
+    def summary(self):
+        return (f"{self.kept:,} conversations, {self.n_tokens:,} tokens ({self.answer_tokens:,} answer tokens); "
+                f"{self.too_long:,} dropped with no answer token left after truncation")
+
+
+class DPOSink:
+    def __init__(self, out: Path):
+        import tempfile
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        self.f, self.out = os.fdopen(fd, "w", encoding="utf-8"), out
+        self.kept, self.skipped = 0, {"identical": 0, "prompt differs": 0}
+        self.writer = self  # close()/abort() like the token-file writers
+
+    def add(self, result):
+        for rec in result["records"]:
+            self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.kept += len(result["records"])
+        for k, v in result["skipped"].items():
+            self.skipped[k] += v
+
+    def close(self, meta=None):
+        self.f.close()
+        os.replace(self.tmp, self.out)
+
+    def abort(self):
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def summary(self):
+        return (f"{self.kept:,} preference pairs; skipped {self.skipped['identical']:,} with identical chosen and "
+                f"rejected, {self.skipped['prompt differs']:,} whose chosen and rejected prompts differ")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for stage in ("pretrain", "sft", "dpo"):
+        p = sub.add_parser(stage)
+        p.add_argument("--input", nargs="+", required=True, help=".jsonl / .jsonl.gz (pretrain: also .csv)")
+        p.add_argument("--output", required=True)
+        p.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (1: inline)")
+        p.add_argument("--chunk_lines", type=int, default=1000, help="lines per task sent to a worker")
+        if stage == "pretrain":
+            p.add_argument("--dedup", action="store_true", help="drop exact and near-duplicate documents")
+            p.add_argument("--dedup_threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
+            p.add_argument("--num_perm", type=int, default=128, help="MinHash permutations")
+        if stage == "sft":
+            p.add_argument("--max_seq_len", type=int, default=512, help="truncate conversations to this many tokens")
+    args = parser.parse_args(argv)
+
+    paths = [Path(p) for p in args.input]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        sys.exit(f"error: input not found: {', '.join(missing)}")
+    if not (Path(args.tokenizer) / "tokenizer.json").exists():
+        sys.exit(f"error: no tokenizer at {args.tokenizer} (run train_tokenizer.py or pass --tokenizer)")
+    out = Path(args.output)
+    dedup = getattr(args, "dedup", False)
+    num_perm = getattr(args, "num_perm", 128)
+
+    if args.stage == "pretrain":
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json")).get_vocab_size()
+        sink, work = PretrainSink(out, vocab, args.dedup_threshold if dedup else None, num_perm), pretrain_chunk
+    elif args.stage == "sft":
+        sink, work = SFTSink(out, args.max_seq_len), sft_chunk
+    else:
+        sink, work = DPOSink(out), dpo_chunk
+
+    init_args = (args.stage, args.tokenizer, dedup, num_perm, getattr(args, "max_seq_len", None))
+    bad, n_bytes, start = [], 0, time.time()
+    total_bytes = sum(p.stat().st_size for p in paths)
+    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{args.stage} tokenize", disable=None)
+    pool = None
+    try:
+        if args.workers > 1:
+            ctx = get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            pool = ctx.Pool(args.workers, initializer=init_worker, initargs=init_args)
+        else:
+            init_worker(*init_args)
+        for result in bounded_imap(pool, work, read_chunks(paths, args.chunk_lines, progress), 2 * args.workers):
+            sink.add(result)
+            bad += result["bad"]
+            n_bytes += result["n_bytes"]
+        progress.close()
+        kept = sink.kept
+        if kept == 0:
+            sink.writer.abort()
+            where = ", ".join(f"{n}:{ln} ({why})" for n, ln, why in bad[:5]) or "the input has no records"
+            sys.exit(f"error: no usable {args.stage} records in {', '.join(map(str, paths))}; "
+                     f"{len(bad)} malformed line(s), first: {where}. Nothing was written.")
+        sink.writer.close(meta={"sources": [p.name for p in paths], "summary": sink.summary(),
+                                "malformed_lines": len(bad)})
+    except BaseException:
+        sink.writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    elapsed = time.time() - start
+    print(f"wrote {out}: {sink.summary()}")
+    if bad:
+        first = ", ".join(f"{n}:{ln} ({why})" for n, ln, why in bad[:10])
+        print(f"skipped {len(bad):,} malformed line(s); first: {first}")
+    else:
+        print("skipped 0 malformed lines")
+    print(f"{n_bytes / 1e6:.2f} MB of input text in {elapsed:.1f}s = {n_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s "
+          f"with {max(args.workers, 1)} worker(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

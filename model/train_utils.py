@@ -1,0 +1,540 @@
+"""Training plumbing shared by every training script (pretrain, SFT, LoRA): flags, device/dtype/distributed setup,
+optimizer, LR schedule, logging, checkpoints with exact resume, and the training loop itself.
+
+A numbered script is then just: parse flags, `rt = compute_init(args)`, build the model and dataset,
+`train(args, rt, model, dataset, weights_name)`, `compute_cleanup()`.
+
+Launchers: plain `python`, `torchrun --nproc_per_node N` (env vars RANK/LOCAL_RANK/WORLD_SIZE), or
+`deepspeed --num_gpus N` (which also passes --local_rank; then the shipped ZeRO config is used unless --deepspeed
+names another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .checkpoint import OUT_DIR, ROOT_DIR, atomic_save, clean_state_dict, default_device
+from .dataset import ShardedSampler
+
+IMAGES_DIR = ROOT_DIR / "images"
+DEFAULT_DS_CONFIG = ROOT_DIR / "ds_config_zero2.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flags
+
+
+def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """The flags every training script shares. Script-specific defaults come as keyword arguments,
+    e.g. add_train_args(parser, data_path=..., learning_rate=5e-4)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--data_path", type=str, default=None, help="processed data file (data_process.py output)")
+    g.add_argument("--out_dir", type=str, default=str(OUT_DIR), help="where weights and the resume file go")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs)")
+    g.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per GPU")
+    g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate")
+    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
+    g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="autocast dtype (default: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU)")
+    g.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu, mps (default: best available)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--wandb_project", type=str, default="MiniMind")
+    g.add_argument("--save_interval", type=int, default=1000, help="save weights and resume state every N steps")
+    g.add_argument("--log_interval", type=int, default=100, help="log every N steps")
+    g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    g.add_argument("--resume", action="store_true", help="continue exactly from out_dir's resume file")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--images_dir", type=str, default=str(IMAGES_DIR), help="where the loss-curve PNG goes")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    g.add_argument("--deepspeed", type=str, default=None, help="DeepSpeed ZeRO config JSON (used under deepspeed)")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# device, dtype, distributed
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    device_type: str
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    deepspeed_config: str | None = None
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """Autocast to exactly the chosen dtype; float32 runs without autocast."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def _is_distributed_launch() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def compute_init(args) -> Runtime:
+    """Pick device and dtype, join the process group when launched by torchrun/deepspeed, and seed everything."""
+    device_name = args.device or default_device()
+    launched_by_deepspeed = getattr(args, "local_rank", -1) >= 0 or getattr(args, "deepspeed", None)
+    ddp = _is_distributed_launch()
+    rank = local_rank = 0
+    world_size = 1
+    if ddp:
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0)))
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device_name.startswith("cuda"):
+            device_name = f"cuda:{local_rank}"
+            torch.cuda.set_device(device_name)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_name.startswith("cuda") else "gloo")
+    device = torch.device(device_name)
+    device_type = device.type
+
+    if args.dtype is None:
+        if device_type == "cuda":
+            args.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            args.dtype = "float32"
+    dtype = DTYPES[args.dtype]
+    # Loss scaling is only needed for float16's narrow exponent range; bfloat16 and float32 run unscaled.
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ds_config = None
+    if launched_by_deepspeed:
+        ds_config = args.deepspeed or str(DEFAULT_DS_CONFIG)
+    seed_everything(args.seed)
+    return Runtime(device=device, device_type=device_type, dtype=dtype, scaler=scaler, ddp=ddp, rank=rank,
+                   local_rank=local_rank, world_size=world_size, deepspeed_config=ds_config)
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if _rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimisation
+
+
+def cosine_lr(step: int, total_steps: int, warmup: int, max_lr: float, min_lr: float) -> float:
+    """Linear warmup to max_lr over `warmup` steps, then a cosine down to min_lr at total_steps."""
+    if warmup > 0 and step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device_type: str,
+                   betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only (so LoRA trains just its adapters). Matrices (embeddings included)
+    get weight decay; vectors (norm weights, biases) do not. The fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP / torch.compile / deepspeed wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "4090": 165e12, "3090": 71e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16/fp16 tensor-core peak of the GPU, for MFU; None when unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logging
+
+
+class _NoLogger:
+    run_id = None
+
+    def log(self, data: dict, step: int | None = None):
+        pass
+
+    def finish(self):
+        pass
+
+
+class WandbLogger:
+    def __init__(self, project: str, run_name: str, config: dict, resume_id: str | None = None):
+        import wandb
+
+        self.run = wandb.init(project=project, name=run_name, config=config, id=resume_id,
+                              resume="allow" if resume_id else None)
+        self.run_id = self.run.id
+
+    def log(self, data: dict, step: int | None = None):
+        self.run.log(data, step=step)
+
+    def finish(self):
+        self.run.finish()
+
+
+def make_logger(args, run_name: str, config: dict, resume_id: str | None = None):
+    """wandb on --use_wandb (rank 0 only), else a no-op with the same .log(dict, step) / .finish()."""
+    if getattr(args, "use_wandb", False) and _rank() == 0:
+        return WandbLogger(args.wandb_project, run_name, config, resume_id)
+    return _NoLogger()
+
+
+def save_loss_plot(history: list[dict], path: str | os.PathLike, title: str = "training loss") -> Path | None:
+    """Write the loss curve (step vs loss, and the LR on a second axis) as a PNG."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if all("lr" in h for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [h["lr"] for h in history], color="tab:orange", alpha=0.6, label="lr")
+        ax2.set_ylabel("learning rate")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples_to_lists(obj):
+    if isinstance(obj, (tuple, list)):
+        return [_tuples_to_lists(x) for x in obj]
+    return obj
+
+
+class CheckpointManager:
+    """out/{weights_name}.pth: the weights alone, a plain v1 state dict (what every other script loads).
+    out/{weights_name}.resume.pt: weights again plus everything `--resume` needs to continue exactly: optimizer,
+    GradScaler, step, epoch and position in it, RNG states, model config, run flags, wandb run id, loss history.
+    Both are written atomically; the weights inside the resume file are what resume loads, so the two files can
+    never disagree mid-save.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, weights_name: str, is_master: bool = True, save_state_dict_fn=None):
+        self.out_dir = Path(out_dir)
+        self.weights_path = self.out_dir / f"{weights_name}.pth"
+        self.resume_path = self.out_dir / f"{weights_name}.resume.pt"
+        self.is_master = is_master
+        self.save_state_dict_fn = save_state_dict_fn
+
+    def weights(self, model) -> dict:
+        model = unwrap(model)
+        if self.save_state_dict_fn is not None:
+            return self.save_state_dict_fn(model)
+        return clean_state_dict(model.state_dict())
+
+    def save(self, model, optimizer, scaler, step: int, epoch: int, position: int, config: dict, args,
+             wandb_id: str | None = None, history: list | None = None, deepspeed_engine=None) -> None:
+        """Call on every rank (deepspeed gathers optimizer state collectively); only rank 0 writes the files."""
+        if deepspeed_engine is not None:
+            deepspeed_engine.save_checkpoint(str(self.out_dir / f"{self.weights_path.stem}_deepspeed"),
+                                             tag="resume")
+        if not self.is_master:
+            return
+        weights = {k: v.detach().to("cpu") for k, v in self.weights(model).items()}
+        atomic_save(weights, self.weights_path)
+        state = {
+            "model": clean_state_dict(unwrap(model).state_dict()),
+            "optimizer": optimizer.state_dict() if deepspeed_engine is None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": step, "epoch": epoch, "position": position,
+            "rng": _rng_state(),
+            "config": json.loads(json.dumps(config, default=str)),
+            "args": json.loads(json.dumps(vars(args), default=str)),
+            "wandb_id": wandb_id,
+            "history": history or [],
+        }
+        atomic_save(state, self.resume_path)
+
+    def load(self) -> dict:
+        if not self.resume_path.exists():
+            raise FileNotFoundError(f"--resume: no resume file at {self.resume_path}; run without --resume to start "
+                                    f"a new run (or pass the --out_dir that holds it)")
+        return torch.load(self.resume_path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _model_config(model) -> dict:
+    config = getattr(unwrap(model), "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else {}
+
+
+def _deepspeed_engine(args, rt: Runtime, model, optimizer):
+    import deepspeed
+
+    with open(rt.deepspeed_config) as f:
+        ds_config = json.load(f)
+    # Fill the "auto" fields from our flags, so one JSON serves every batch size and dtype.
+    ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    ds_config["gradient_accumulation_steps"] = args.accumulation_steps
+    ds_config["train_batch_size"] = args.batch_size * args.accumulation_steps * rt.world_size
+    ds_config["gradient_clipping"] = args.grad_clip
+    ds_config["bf16"] = {"enabled": rt.dtype == torch.bfloat16}
+    ds_config["fp16"] = {"enabled": rt.dtype == torch.float16}
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ds_optimizer
+
+
+def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str, collate_fn=None,
+          save_state_dict_fn=None, run_name: str | None = None, step_callback=None) -> list[dict]:
+    """Train `model` on `dataset` (items are dicts passed as model(**batch); the loss is out.loss).
+
+    Saves out_dir/{weights_name}.pth (+ .resume.pt) every --save_interval steps and at the end, writes the loss
+    PNG to --images_dir, and returns the logged history [{"step", "loss", "lr"}, ...].
+    `save_state_dict_fn(model) -> dict` replaces the saved weights (e.g. LoRA merged into the base).
+    `step_callback(step, history)` runs after each optimizer step (tests use it to simulate a crash).
+    """
+    run_name = run_name or weights_name
+    model.to(rt.device)
+    ckpt = CheckpointManager(args.out_dir, weights_name, rt.is_master, save_state_dict_fn)
+    sampler = ShardedSampler(len(dataset), rt.rank, rt.world_size, seed=args.seed, shuffle=True)
+    batches_per_step = args.accumulation_steps
+    steps_per_epoch = sampler.per_rank // (args.batch_size * batches_per_step)
+    if steps_per_epoch == 0:
+        raise ValueError(f"dataset too small: {len(dataset)} samples over {rt.world_size} rank(s) cannot fill one "
+                         f"step of batch_size {args.batch_size} x accumulation_steps {args.accumulation_steps}")
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    min_lr = args.learning_rate * args.min_lr_ratio
+    if getattr(dataset, "skipped", 0):
+        print0(f"skipped {dataset.skipped} samples with no answer token left after truncation")
+
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, rt.device_type)
+    scaler = rt.scaler
+    start_step, history, wandb_id = 0, [], None
+    if args.resume:
+        state = ckpt.load()
+        saved_cfg, cfg = state.get("config") or {}, json.loads(json.dumps(_model_config(model), default=str))
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "use_moe"):
+            if key in saved_cfg and key in cfg and saved_cfg[key] != cfg[key]:
+                raise ValueError(f"--resume: {ckpt.resume_path} was trained with {key}={saved_cfg[key]}, "
+                                 f"this run has {key}={cfg[key]}")
+        unwrap(model).load_state_dict(state["model"], strict=save_state_dict_fn is None)
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_step, history, wandb_id = state["step"], list(state["history"]), state["wandb_id"]
+        _set_rng_state(state["rng"])
+        print0(f"resumed from {ckpt.resume_path} at step {start_step}")
+
+    engine = None
+    if rt.deepspeed_config:
+        engine, optimizer = _deepspeed_engine(args, rt, model, optimizer)
+        if args.resume:
+            engine.load_checkpoint(str(ckpt.out_dir / f"{weights_name}_deepspeed"), tag="resume",
+                                   load_module_strict=False)
+        train_model = engine
+    else:
+        train_model = torch.compile(model) if args.compile else model
+        if rt.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    logger = make_logger(args, run_name, {**vars(args), "model": _model_config(model)}, wandb_id)
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
+    n_trainable = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
+    print0(f"{run_name}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable), {len(dataset):,} samples, "
+           f"{steps_per_epoch:,} steps/epoch, {total_steps:,} steps, world size {rt.world_size}, "
+           f"device {rt.device}, dtype {args.dtype}{', deepspeed' if engine else ''}")
+
+    flops_fn = getattr(unwrap(model), "flops_per_token", None)
+    peak = peak_flops(rt.device)
+    step = start_step
+    loss_sum = torch.zeros((), device=rt.device)
+    tokens_since, t_log, t_start, steps_timed = 0, time.time(), time.time(), 0
+    train_model.train()
+    data_iter, data_epoch = None, None
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if data_iter is None or data_epoch != epoch:
+            # The data position follows from the step alone, so resuming mid-epoch skips exactly what was seen.
+            sampler.set_epoch(epoch, start=step_in_epoch * batches_per_step * args.batch_size)
+            loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+                                num_workers=args.num_workers, pin_memory=rt.device_type == "cuda", drop_last=True,
+                                # its own generator, so worker seeding never draws from the global RNG stream
+                                generator=torch.Generator().manual_seed(args.seed + epoch))
+            data_iter, data_epoch = iter(loader), epoch
+        lr = cosine_lr(step, total_steps, args.warmup_iters, args.learning_rate, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        for micro in range(batches_per_step):
+            batch = _to_device(next(data_iter), rt.device)
+            tokens_since += batch["input_ids"].numel() * rt.world_size
+            if engine is not None:
+                loss = engine(**batch).loss
+                engine.backward(loss)  # deepspeed averages over accumulation steps itself
+                engine.step()
+                loss_sum += loss.detach() / batches_per_step
+                continue
+            last = micro == batches_per_step - 1
+            # Skip the gradient all-reduce on all but the last micro-batch: it is wasted work.
+            sync = nullcontext() if (last or not rt.ddp) else train_model.no_sync()
+            with sync, rt.autocast():
+                loss = train_model(**batch).loss / batches_per_step
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+
+        if engine is None:
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_timed += 1
+
+        if step % args.log_interval == 0 or step == total_steps:
+            loss_value = loss_sum / steps_timed
+            if rt.ddp:  # average over ranks (SUM then divide: gloo has no AVG)
+                dist.all_reduce(loss_value)
+                loss_value = loss_value / rt.world_size
+            loss_value = loss_value.item()
+            dt = time.time() - t_log
+            tok_s = tokens_since / max(dt, 1e-9)
+            record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s}
+            msg = f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {loss_value:.4f} | lr {lr:.2e} | " \
+                  f"{tok_s:,.0f} tok/s"
+            if flops_fn is not None and peak is not None:
+                seq_len = batch["input_ids"].shape[1]
+                record["mfu"] = flops_fn(seq_len) * tok_s / (peak * rt.world_size)
+                msg += f" | MFU {100 * record['mfu']:.1f}%"
+            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
+            msg += f" | ETA {eta / 60:.1f} min"
+            print0(msg)
+            history.append({"step": step, "loss": loss_value, "lr": lr})
+            logger.log(record, step=step)
+            loss_sum.zero_()
+            tokens_since, t_log, steps_timed = 0, time.time(), 0
+
+        if step % args.save_interval == 0 or step == total_steps:
+            epoch_after, pos_after = divmod(step, steps_per_epoch)
+            ckpt.save(model, optimizer, scaler, step, epoch_after, pos_after * batches_per_step * args.batch_size,
+                      _model_config(model), args, logger.run_id, history, deepspeed_engine=engine)
+        if step_callback is not None:
+            step_callback(step, history)
+
+    if rt.is_master:
+        save_loss_plot(history, Path(args.images_dir) / f"{weights_name}_loss.png", title=run_name)
+        print0(f"saved {ckpt.weights_path} (resume state: {ckpt.resume_path.name})")
+    logger.finish()
+    return history
