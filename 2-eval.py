@@ -1,0 +1,196 @@
+"""Chat with a MiniMind checkpoint in the terminal: multi-turn, answers streamed as they are generated.
+
+    python 2-eval.py                                          # out/full_sft_512.pth, interactive
+    python 2-eval.py --ckpt out/rl_512.pth --temperature 0.7 --top_p 0.85
+    python 2-eval.py --preset minimind-v1 --ckpt out/full_sft_768.pth
+    python 2-eval.py --ckpt out/full_sft_512.pth --lora_dir out/lora/lora_sft_512   # base + LoRA adapter
+    python 2-eval.py --prompt "你好" --prompt "你叫什么名字"    # non-interactive: the turns of one conversation
+    python 2-eval.py --batch_file questions.txt               # non-interactive: one independent question a line
+
+Inside the chat, `/reset` forgets the conversation and `/exit` (or Ctrl-D) quits.
+
+The conversation is rendered with the tokenizer's chat template. When it no longer fits the model's context
+(leaving room for the answer), the oldest turns are dropped first; the system prompt always stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer
+from model.generate import SamplingParams, generate, stream_text
+from model.LMConfig import add_model_args, config_from_args
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Chat with a MiniMind checkpoint")
+    parser.add_argument("--ckpt", default=None, help="weights to load (default: out/full_sft_{dim}{_moe}.pth)")
+    parser.add_argument("--lora_dir", default=None, help="a peft LoRA adapter (from 4-lora_sft.py) to apply on top")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: model/minimind_tokenizer)")
+    parser.add_argument("--device", default=None, help="cuda / cpu / mps (default: the best available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--system", default="", help="system prompt, kept at the start of every prompt")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    parser.add_argument("--top_p", type=float, default=0.85)
+    parser.add_argument("--top_k", type=int, default=0, help="0 disables")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1 disables")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_history_turns", type=int, default=None,
+                        help="keep at most this many earlier turns (default: as many as fit the context)")
+    parser.add_argument("--seed", type=int, default=None, help="seed the sampling for reproducible answers")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="answer this and exit; repeat the flag for the turns of one conversation")
+    parser.add_argument("--batch_file", default=None, help="a UTF-8 text file: one independent question per line")
+    parser.add_argument("--batch_size", type=int, default=8, help="questions generated together with --batch_file")
+    add_model_args(parser)
+    return parser.parse_args(argv)
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU matmuls in half precision are slower, not faster
+
+
+def render(tokenizer, system: str, history: list[tuple[str, str]], user_msg: str) -> list[int]:
+    """Token ids of the whole conversation so far, ending where the assistant's answer starts."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": user_msg})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already writes <s>/</s> where they belong; the tokenizer must not add another BOS.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def fit_prompt(tokenizer, system, history, user_msg, budget: int, max_turns: int | None = None):
+    """(prompt ids, the history actually kept): drop the oldest turns until the prompt fits in `budget` tokens.
+
+    If even the new message alone is too long, keep its last `budget` tokens: the end of a message (the actual
+    question, usually) matters more than its start.
+    """
+    if max_turns is not None:
+        history = history[len(history) - max_turns:] if max_turns > 0 else []
+    while True:
+        ids = render(tokenizer, system, history, user_msg)
+        if len(ids) <= budget or not history:
+            return ids[-budget:], history
+        history = history[1:]
+
+
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """Prompt tokens we allow: the context minus room for the answer, but never less than half the context.
+
+    (An answer longer than the room left still works: generation slides its window over the context.)
+    """
+    return context - min(max_new_tokens, context // 2)
+
+
+class Chat:
+    """One conversation: the history of (question, answer) pairs and how to answer the next question."""
+
+    def __init__(self, model, tokenizer, params: SamplingParams, system: str = "", max_history_turns=None):
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.system, self.max_history_turns = system, max_history_turns
+        self.history: list[tuple[str, str]] = []
+        self.budget = prompt_budget(model.config.context_length, params.max_new_tokens)
+
+    def reply(self, question: str, out=sys.stdout) -> str:
+        ids, self.history = fit_prompt(self.tokenizer, self.system, self.history, question, self.budget,
+                                       self.max_history_turns)
+        pieces = []
+        for piece in stream_text(self.model, self.tokenizer, ids, self.params):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        answer = "".join(pieces)
+        self.history.append((question, answer))
+        return answer
+
+
+def answer_batch(model, tokenizer, questions: list[str], params: SamplingParams, system: str, batch_size: int):
+    """Independent single-turn answers, `batch_size` questions per generate call (left-padded batches)."""
+    budget = prompt_budget(model.config.context_length, params.max_new_tokens)
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        prompts = [fit_prompt(tokenizer, system, [], q, budget)[0] for q in chunk]
+        outputs = generate(model, prompts, params, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id or 0)
+        for question, new_ids in zip(chunk, outputs):
+            yield question, tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def interactive(chat: Chat):
+    print("Type a message; /reset forgets the conversation, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            question = input("\nuser> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            return
+        if question == "/reset":
+            chat.history = []
+            print("(conversation cleared)")
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            chat.reply(question)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            print("\n(interrupted)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = config_from_args(args)
+    device = args.device or default_device()
+    ckpt = Path(args.ckpt) if args.ckpt else OUT_DIR / f"full_sft_{config.file_suffix}.pth"
+    if not ckpt.exists():
+        sys.exit(f"checkpoint not found: {ckpt} (train one with 3-full_sft.py, or pass --ckpt and the model flags)")
+    if args.batch_file and not Path(args.batch_file).exists():
+        sys.exit(f"batch file not found: {args.batch_file}")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as err:
+        sys.exit(str(err))
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = load_model(ckpt, config, device="cpu")
+    if args.lora_dir:
+        from model.lora import apply_adapter
+        model = apply_adapter(model, args.lora_dir)
+    model = model.to(device=device, dtype=pick_dtype(args.dtype, device)).eval()
+    print(f"loaded {ckpt}{' + ' + args.lora_dir if args.lora_dir else ''} "
+          f"({model.num_parameters_unique() / 1e6:.1f}M params, context {config.context_length}) on {device}",
+          file=sys.stderr)
+
+    if args.batch_file:
+        with open(args.batch_file, encoding="utf-8") as f:
+            questions = [line.strip() for line in f if line.strip()]
+        if not questions:
+            sys.exit(f"no questions in {args.batch_file}")
+        for question, answer in answer_batch(model, tokenizer, questions, params, args.system, args.batch_size):
+            print(f"user> {question}\nassistant> {answer}\n", flush=True)
+    elif args.prompt:
+        chat = Chat(model, tokenizer, params, args.system, args.max_history_turns)
+        for question in args.prompt:
+            print(f"user> {question}\nassistant> ", end="", flush=True)
+            chat.reply(question)
+    else:
+        interactive(Chat(model, tokenizer, params, args.system, args.max_history_turns))
+
+
+if __name__ == "__main__":
+    main()

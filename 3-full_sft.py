@@ -1,0 +1,57 @@
+"""Supervised fine-tuning: turn a pretrained MiniMind into a chat model (all weights trained).
+
+    python data_process.py sft --input ../shared/data/sft_zh.jsonl.gz --output dataset/sft_data.bin
+    python 3-full_sft.py                                    # out/pretrain_512.pth -> out/full_sft_512.pth
+    python 3-full_sft.py --device cpu --max_steps 100 --batch_size 8
+    torchrun --nproc_per_node 8 3-full_sft.py --batch_size 32
+    deepspeed --num_gpus 8 3-full_sft.py --batch_size 32    # ZeRO config: ds_config_zero2.json (or --deepspeed)
+    python 3-full_sft.py --resume                           # continue exactly where the last save left off
+
+Single-turn and multi-turn samples (the `history` field) come from the data itself. The loss covers the
+assistant's answers only, every assistant turn of a conversation included; system and user tokens and the chat
+template's glue are masked out. Conversations longer than --max_seq_len lose their oldest turns first, and a
+sample with no answer token left is skipped and counted (see model/dataset.py).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.checkpoint import load_model
+from model.dataset import SFTDataset
+from model.LMConfig import add_model_args, config_from_args
+from model.train_utils import add_train_args, compute_cleanup, compute_init, print0, train
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", default=None,
+                        help="weights to start from (default: {out_dir}/pretrain_{dim}{_moe}.pth)")
+    add_model_args(parser)
+    # v1's SFT recipe: a lower peak LR than pretraining, small batches of padded conversations.
+    add_train_args(parser, data_path=str(ROOT / "dataset" / "sft_data.bin"), learning_rate=1e-4, batch_size=32,
+                   epochs=1, save_interval=1000, log_interval=100)
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    rt = compute_init(args)
+
+    init = Path(args.init) if args.init else Path(args.out_dir) / f"pretrain_{config.file_suffix}.pth"
+    if args.resume:  # the resume file already holds the fine-tuned weights; the loop loads them
+        init = None
+    elif not init.exists():
+        sys.exit(f"no weights to start from at {init}: run 1-pretrain.py first, or pass --init")
+    model = load_model(init, config, device="cpu")  # strict: a shape mismatch names the flags to fix
+    print0(f"initialised from {init}" if init else "weights come from the resume file")
+    try:
+        dataset = SFTDataset(args.data_path, config.max_seq_len)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+    train(args, rt, model, dataset, weights_name=f"full_sft_{config.file_suffix}")
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

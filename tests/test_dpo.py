@@ -1,0 +1,102 @@
+"""DPO through trl's DPOTrainer on MiniMind: ln 2 at the start, and training widens the chosen-rejected margin.
+
+The margin is measured independently of trl, with plain full-logit log-probs (`model.dpo.sequence_logps`).
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+from trl import DPOConfig
+
+from model.checkpoint import load_tokenizer
+from model.dpo import MiniMindDPOTrainer, MiniMindForDPO, records_to_dataset, sequence_logps, tokenize_pair
+from model.lora import lora_config
+
+QA = [("天空是什么颜色？", "天空通常是蓝色的。", "我不知道。"),
+      ("一加一等于几？", "一加一等于二。", "等于三吧。"),
+      ("中国的首都是哪里？", "中国的首都是北京。", "上海。"),
+      ("水在多少度沸腾？", "标准大气压下一百摄氏度。", "五十度。")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def records(tok):
+    out = []
+    for q, good, bad in QA:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False)
+        out.append({"prompt": prompt, "chosen": good + "</s>\n", "rejected": bad + "</s>\n"})
+    return out
+
+
+def make_trainer(tmp_path, tok, use_lora, steps=6, lr=5e-3):
+    torch.manual_seed(0)
+    policy = MiniMindForDPO(tiny_config(vocab_size=6400, max_seq_len=64))
+    ref = None if use_lora else copy.deepcopy(policy).eval().requires_grad_(False)
+    args = DPOConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, learning_rate=lr,
+                     max_steps=steps, beta=0.1, max_length=64, logging_steps=1, save_strategy="no",
+                     report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+                     lr_scheduler_type="constant", seed=0)
+    return MiniMindDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=records_to_dataset(records(tok)),
+                              processing_class=tok, peft_config=lora_config(rank=8, alpha=32) if use_lora else None)
+
+
+def margin(trainer, batch, use_lora):
+    """Mean over pairs of (log pi/ref on chosen) - (log pi/ref on rejected), from full logits."""
+    model = trainer.model.eval()
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    with torch.no_grad():
+        policy = sequence_logps(model, *args)
+        if use_lora:
+            with model.disable_adapter():
+                ref = sequence_logps(model, *args)
+        else:
+            ref = sequence_logps(trainer.ref_model, *args)
+    chosen, rejected = (policy - ref).chunk(2)
+    return float((chosen - rejected).mean())
+
+
+def test_pairs_are_tokenized_like_sft(tok):
+    rec = records(tok)[0]
+    ids = tokenize_pair(tok, rec["prompt"], rec["chosen"], rec["rejected"], max_length=64)
+    assert ids["prompt_ids"][0] == tok.bos_token_id and ids["prompt_ids"][-1] == tok("\n", add_special_tokens=False)[
+        "input_ids"][-1]
+    assert ids["chosen_ids"][-2:] == [tok.eos_token_id, ids["prompt_ids"][-1]]  # "...</s>\n", no extra EOS added
+    assert tok.decode(ids["chosen_ids"]) == rec["chosen"]
+    # too long: the prompt keeps its end, the answers are not cut away
+    long = tokenize_pair(tok, "很长的问题" * 50 + rec["prompt"], rec["chosen"], rec["rejected"], max_length=32)
+    assert len(long["prompt_ids"]) + len(long["chosen_ids"]) <= 32
+    assert long["prompt_ids"][-4:] == ids["prompt_ids"][-4:]
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_dpo_starts_at_ln2_and_raises_the_margin(tmp_path, tok, use_lora):
+    trainer = make_trainer(tmp_path, tok, use_lora)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(QA))])
+
+    # trl's fused log-probs agree with the plain computation (checks the MiniMindForDPO backbone adapter)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        fused = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                              fused_lm_head=True).log_probs.sum(1)
+        plain = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+    # step 0: policy == reference, so every pair's loss is -log sigmoid(0) = ln 2
+    with torch.no_grad():
+        loss0 = trainer.compute_loss(trainer.model, batch)
+    assert abs(float(loss0) - math.log(2)) < 1e-5
+    assert abs(margin(trainer, batch, use_lora)) < 1e-5
+
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert abs(losses[0] - math.log(2)) < 1e-4
+    assert losses[-1] < losses[0]
+    assert margin(trainer, batch, use_lora) > 0.5
+    if not use_lora:  # the reference stayed frozen
+        assert all(not p.requires_grad for p in trainer.ref_model.parameters())

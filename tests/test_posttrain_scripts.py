@@ -1,0 +1,90 @@
+"""The post-training scripts end to end, from the bundled samples: process -> tiny pretrain (2 steps) -> SFT ->
+LoRA -> DPO -> chat, for a few steps on CPU, writing into a temp folder.
+
+Pretraining and the chat run as real subprocesses; the SFT/LoRA/DPO scripts run through their `main(argv)` in this
+process (same flags, same files written) because importing torch + transformers + trl anew for each costs more
+than the training itself.
+"""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, tiny_config
+
+import data_process
+from model.checkpoint import load_model
+
+TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "128"]
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run(*args, cwd):
+    out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert out.returncode == 0, f"{args[0]} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("posttrain")
+    data = ROOT / "dataset"
+    for stage, raw, out in [("pretrain", "pretrain_sample.jsonl", "pretrain.bin"), ("sft", "sft_sample.jsonl", "sft.bin"),
+                            ("dpo", "dpo_sample.jsonl", "dpo.jsonl")]:
+        assert data_process.main([stage, "--input", str(data / raw), "--output", str(tmp / out), "--workers", "1"]) == 0
+    common = [*TINY, "--out_dir", tmp / "out", "--images_dir", tmp / "images", "--device", "cpu", "--num_workers", "0",
+              "--log_interval", "1"]
+    run(ROOT / "1-pretrain.py", *common, "--data_path", tmp / "pretrain.bin", "--max_steps", "2", "--batch_size", "4",
+        cwd=tmp)
+    assert (tmp / "out" / "pretrain_64.pth").exists()
+    return tmp, common
+
+
+def config():
+    return tiny_config(vocab_size=6400, max_seq_len=128)
+
+
+def main_args(*args):
+    return [str(a) for a in args]
+
+
+def test_full_sft_then_lora_then_dpo_then_chat(work, capsys):
+    tmp, common = work
+    out = tmp / "out"
+    script("3-full_sft.py")(main_args(*common, "--data_path", tmp / "sft.bin", "--max_steps", "3", "--batch_size", "4"))
+    assert "step 3/3" in capsys.readouterr().out
+    load_model(out / "full_sft_64.pth", config(), device="cpu")  # strict: a plain v1 state dict
+    assert (tmp / "images" / "full_sft_64_loss.png").exists()
+
+    script("4-lora_sft.py")(main_args(*common, "--data_path", tmp / "sft.bin", "--max_steps", "2", "--batch_size", "4",
+                                      "--merge", "--lora_rank", "4"))
+    assert "step 2/2" in capsys.readouterr().out
+    load_model(out / "lora_sft_64.pth", config(), device="cpu")
+    assert (out / "lora_sft_64" / "adapter_config.json").exists()
+
+    script("5-dpo_train.py")(main_args(*common, "--data_path", tmp / "dpo.jsonl", "--max_steps", "2", "--batch_size", "2",
+                                       "--learning_rate", "1e-4"))
+    assert "step 2/2 | loss" in capsys.readouterr().out
+    load_model(out / "rl_64.pth", config(), device="cpu")
+    assert (tmp / "images" / "rl_64_loss.png").exists()
+
+    log = run(ROOT / "2-eval.py", *TINY, "--ckpt", out / "rl_64.pth", "--lora_dir", out / "lora_sft_64",
+              "--device", "cpu", "--max_new_tokens", "8", "--temperature", "0", "--prompt", "你好", cwd=tmp)
+    assert log.startswith("user> 你好\nassistant> ")
+
+
+def test_scripts_fail_clearly_without_their_inputs(work):
+    tmp, common = work
+    for name in ("3-full_sft.py", "4-lora_sft.py", "5-dpo_train.py"):
+        with pytest.raises(SystemExit, match="missing.pth"):
+            script(name)(main_args(*common, "--init", tmp / "missing.pth"))
+    with pytest.raises(SystemExit, match="no_such_data"):
+        script("3-full_sft.py")(main_args(*common, "--init", tmp / "out" / "pretrain_64.pth",
+                                          "--data_path", tmp / "no_such_data.bin"))
