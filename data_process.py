@@ -35,7 +35,14 @@ import numpy as np
 from tqdm import tqdm
 
 from model.checkpoint import TOKENIZER_DIR
-from model.dataset import TokenFileWriter, conversation_segments, truncate_turns_with_bounds, validate_messages
+from model.dataset import (
+    BLANK,
+    TokenFileWriter,
+    conversation_segments,
+    parse_json_line,
+    truncate_turns_with_bounds,
+    validate_messages,
+)
 
 csv.field_size_limit(sys.maxsize)
 
@@ -93,23 +100,6 @@ def bounded_imap(pool, fn, items, max_pending: int):
         yield pending.popleft().get()
 
 
-def parse_line(line: bytes):
-    """A JSON object from one raw line, or (None, reason)."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "invalid UTF-8"
-    if not text.strip():
-        return None, "blank line"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return None, "invalid JSON"
-    if not isinstance(obj, dict):
-        return None, "not a JSON object"
-    return obj, None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # workers: one tokenizer per process, loaded by the pool initializer
 
@@ -154,7 +144,7 @@ def pretrain_chunk(chunk):
     name, first, lines = chunk
     texts, bad = [], []
     for i, line in enumerate(lines):
-        obj, why = parse_line(line)
+        obj, why = parse_json_line(line)
         if obj is not None:
             text = obj.get("text")
             if not isinstance(text, str):
@@ -164,7 +154,7 @@ def pretrain_chunk(chunk):
             else:
                 texts.append(text)
                 continue
-        if why != "blank line":
+        if why != BLANK:
             bad.append((name, first + i, why))
     tok = _worker["tok"]
     docs = [np.array([_worker["bos"], *enc.ids, _worker["eos"]], dtype=np.uint32)
@@ -205,7 +195,7 @@ def sft_chunk(chunk):
     name, first, lines = chunk
     samples, bad, too_long = [], [], 0
     for i, line in enumerate(lines):
-        obj, why = parse_line(line)
+        obj, why = parse_json_line(line)
         if obj is not None:
             msgs = sft_messages(obj)
             if isinstance(msgs, str):
@@ -223,7 +213,7 @@ def sft_chunk(chunk):
                     ids, mask, bounds = fitted
                     samples.append((np.array(ids, np.uint32), np.array(mask, np.uint8), np.array(bounds, np.uint32)))
                     continue
-        if why != "blank line":
+        if why != BLANK:
             bad.append((name, first + i, why))
     return dict(samples=samples, bad=bad, n_bytes=sum(len(x) for x in lines), too_long=too_long)
 
@@ -233,7 +223,7 @@ def dpo_chunk(chunk):
     records, bad, skipped = [], [], {"identical": 0, "prompt differs": 0}
     tok = _worker["tok"]
     for i, line in enumerate(lines):
-        obj, why = parse_line(line)
+        obj, why = parse_json_line(line)
         if obj is not None:
             chosen, rejected = obj.get("chosen"), obj.get("rejected")
             try:
@@ -254,7 +244,7 @@ def dpo_chunk(chunk):
                 continue
             except ValueError as err:
                 why = str(err)
-        if why != "blank line":
+        if why != BLANK:
             bad.append((name, first + i, why))
     return dict(records=records, bad=bad, n_bytes=sum(len(x) for x in lines), skipped=skipped)
 

@@ -17,7 +17,6 @@ characters) and used to report characters per token at the end.
 
 import argparse
 import glob
-import gzip
 import itertools
 import json
 import os
@@ -25,6 +24,8 @@ import sys
 import time
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.dataset import iter_json_lines
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "minimind_tokenizer")
@@ -61,21 +62,15 @@ class Corpus:
 
     def _texts(self):
         for path in self.files:
-            opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        self._skip(path, lineno, "invalid JSON")
-                        continue
-                    text = obj.get("text") if isinstance(obj, dict) else None
-                    if not isinstance(text, str) or not text:
-                        self._skip(path, lineno, "missing, empty or non-string 'text'")
-                        continue
-                    yield text
+            for lineno, obj, why in iter_json_lines(path):
+                if why:
+                    self._skip(path, lineno, why)
+                    continue
+                text = obj.get("text")
+                if not isinstance(text, str) or not text:
+                    self._skip(path, lineno, "missing, empty or non-string 'text'")
+                    continue
+                yield text
 
     def __iter__(self):
         for text in itertools.islice(self._texts(), self.max_docs):

@@ -44,6 +44,41 @@ IGNORE_INDEX = -100
 # the token file format
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# raw JSON-lines input (shared by data_process.py, train_tokenizer.py and the DPO loader)
+
+BLANK = "blank line"
+
+
+def parse_json_line(line: bytes | str) -> tuple[dict | None, str | None]:
+    """One raw line -> (JSON object, None), or (None, why it is unusable). Blank lines give (None, BLANK)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "invalid UTF-8"
+    if not line.strip():
+        return None, BLANK
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "invalid JSON"
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    return obj, None
+
+
+def iter_json_lines(path: str | os.PathLike):
+    """Stream a .jsonl or .jsonl.gz file as (line number, object or None, reason or None); blank lines are skipped."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            obj, why = parse_json_line(line)
+            if why != BLANK:
+                yield lineno, obj, why
+
+
 class TokenFileWriter:
     """Streams named arrays into a token file: the first array straight into the output's temp file, the others
     into side temp files appended at the end. `close()` writes the header and renames; `abort()` leaves nothing.
@@ -443,22 +478,12 @@ def load_dpo_records(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; make it with `python data_process.py dpo ...`")
-    opener = gzip.open if path.suffix == ".gz" else open
     records, bad = [], []
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(lineno)
-                continue
-            if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) and rec[k]
-                                                  for k in ("prompt", "chosen", "rejected"))):
-                bad.append(lineno)
-                continue
-            records.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+    for lineno, rec, _ in iter_json_lines(path):
+        if not (rec is not None and all(isinstance(rec.get(k), str) and rec[k] for k in ("prompt", "chosen", "rejected"))):
+            bad.append(lineno)
+            continue
+        records.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
     if bad:
         print(f"{path}: skipped {len(bad)} malformed line(s), first: {bad[:10]}", file=sys.stderr)
     if not records:
