@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer
+from model.dataset import encode_prompt
 from model.generate import SamplingParams, generate, stream_text
 from model.LMConfig import add_model_args, config_from_args
 
@@ -64,9 +65,7 @@ def render(tokenizer, system: str, history: list[tuple[str, str]], user_msg: str
     for question, answer in history:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": user_msg})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # The template already writes <s>/</s> where they belong; the tokenizer must not add another BOS.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, messages)  # encoded as in SFT; '<s>'/'</s>' typed by the user stay literal
 
 
 def fit_prompt(tokenizer, system, history, user_msg, budget: int, max_turns: int | None = None):

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer
+from model.dataset import encode_prompt
 from model.generate import left_pad
 from model.LMConfig import add_model_args, config_from_args
 
@@ -171,12 +172,6 @@ def build_messages(title: str, q: Question, shots: list[Question]) -> list[dict]
     messages.append({"role": "user", "content": format_question(q)})
     messages[0] = {"role": "user", "content": header + messages[0]["content"]}
     return messages
-
-
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # The template writes <s> and </s> itself, so the tokenizer must not add them again.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def build_prompt(tokenizer, title: str, q: Question, shots: list[Question], max_tokens: int):

@@ -303,16 +303,18 @@ class ShardedSampler(Sampler[int]):
 # SFT: chat-template rendering with an answer-only mask
 
 
-def validate_messages(messages) -> None:
+def validate_messages(messages, last_role: str = "assistant") -> None:
+    """Raise ValueError unless `messages` is an optional system message, then user/assistant turns alternating
+    from a user turn, ending with a `last_role` message ("assistant" for training data, "user" for a prompt)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError("each message must be a dict with string 'role' and 'content'")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
-    if not turns or len(turns) % 2:
+    if not turns or len(turns) % 2 != (last_role == "user"):
         raise ValueError("after an optional system message, messages must alternate user/assistant and end with "
-                         "an assistant message")
+                         f"a{'n' if last_role == 'assistant' else ''} {last_role} message")
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if m["role"] != want:
@@ -332,15 +334,43 @@ def _encode_text(tokenizer, text: str, literal: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
 
 
+_PROBE = "\x00MINIMIND-CONTENT\x00"  # stands in for a message's content to find the template text around it
+
+
+def _encode_messages(tokenizer, messages):
+    """Yield (message, pre, body, post) for each message: the token ids of the template text before its content,
+    of the content itself (special-token strings in it stay literal) and of the template text after it.
+
+    Each message's text is the difference between the renderings of consecutive prefixes, so any template that
+    renders messages one after another works. Where the content sits in that text is found by rendering the
+    message once more with a placeholder content, so content that also occurs in the template text (e.g. "<s>")
+    is never mistaken for it.
+    """
+    rendered = ""
+    for k, message in enumerate(messages):
+        full = _render(tokenizer, messages[: k + 1])
+        if not full.startswith(rendered):
+            raise ValueError("the chat template does not render messages incrementally; cannot mark answer tokens")
+        piece, content = full[len(rendered):], message["content"]
+        probe = _render(tokenizer, [*messages[:k], {**message, "content": _PROBE}])[len(rendered):]
+        if content and probe.count(_PROBE) == 1 and probe.replace(_PROBE, content) == piece:
+            before, after = probe.split(_PROBE)
+        else:  # the template changes the content (or it is empty): fall back to its first occurrence
+            at = piece.find(content) if content else -1
+            before, after = (piece[:at], piece[at + len(content):]) if at >= 0 else (piece, "")
+            content = content if at >= 0 else ""
+        rendered = full
+        yield (message, _encode_text(tokenizer, before, False), _encode_text(tokenizer, content, True),
+               _encode_text(tokenizer, after, False))
+
+
 def conversation_segments(tokenizer, messages) -> tuple[list[int], list[bool], list[int]]:
     """(ids, answer_mask, turn_bounds) of the whole conversation, untruncated.
 
-    Each message is rendered with the tokenizer's chat template (as the difference between the renderings of
-    consecutive prefixes, so any template that renders messages one after another works) and encoded in three
-    parts: the template text before the content, the content itself (special-token strings in it stay literal),
-    and the template text after it. The answer mask is True on an assistant message's content tokens and on the
-    `</s>` that closes it; the template glue ('<s>user\\n', '<s>assistant\\n', the newline after '</s>') and every
-    system/user token are False.
+    Each message is encoded in three parts (see `_encode_messages`): the template text before the content, the
+    content itself (special-token strings in it stay literal), and the template text after it. The answer mask is
+    True on an assistant message's content tokens and on the `</s>` that closes it; the template glue
+    ('<s>user\\n', '<s>assistant\\n', the newline after '</s>') and every system/user token are False.
 
     turn_bounds = [end of the system prompt (0 if none), end of user/assistant pair 1, end of pair 2, ...].
     """
@@ -349,18 +379,8 @@ def conversation_segments(tokenizer, messages) -> tuple[list[int], list[bool], l
     ids: list[int] = []
     mask: list[bool] = []
     bounds: list[int] = []
-    rendered = ""
     has_system = messages[0]["role"] == "system"
-    for k, message in enumerate(messages):
-        full = _render(tokenizer, messages[: k + 1])
-        if not full.startswith(rendered):
-            raise ValueError("the chat template does not render messages incrementally; cannot mark answer tokens")
-        piece, rendered = full[len(rendered):], full
-        content = message["content"]
-        at = piece.find(content) if content else -1
-        before, after = (piece[:at], piece[at + len(content):]) if at >= 0 else (piece, "")
-        pre, body, post = _encode_text(tokenizer, before, False), _encode_text(tokenizer, content if at >= 0 else "",
-                                                                              True), _encode_text(tokenizer, after, False)
+    for k, (message, pre, body, post) in enumerate(_encode_messages(tokenizer, messages)):
         is_answer = message["role"] == "assistant"
         ids += pre + body
         mask += [False] * len(pre) + [is_answer] * len(body)
@@ -377,6 +397,25 @@ def conversation_segments(tokenizer, messages) -> tuple[list[int], list[bool], l
                 bounds.append(0)
             bounds.append(len(ids))
     return ids, mask, bounds
+
+
+def encode_prompt(tokenizer, messages) -> list[int]:
+    """Token ids of a conversation that ends with a user message, up to where the assistant's reply starts.
+
+    Encoded exactly as `conversation_segments` encodes training data, so for a conversation C ending with an
+    assistant message, encode_prompt(C[:-1]) is a prefix of conversation_segments(C)[0]; and '<s>'/'</s>' typed
+    in a message stay literal text, so a user cannot fake a turn. Any generation prompt the template adds
+    (add_generation_prompt=True) after the last message is appended as template text.
+    """
+    validate_messages(messages, last_role="user")
+    ids: list[int] = []
+    for _, pre, body, post in _encode_messages(tokenizer, messages):
+        ids += pre + body + post
+    rendered = _render(tokenizer, messages)
+    with_header = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    if not with_header.startswith(rendered):
+        raise ValueError("the chat template's generation prompt does not follow the rendered messages")
+    return ids + _encode_text(tokenizer, with_header[len(rendered):], False)
 
 
 def truncate_turns_with_bounds(ids, mask, bounds, max_len: int):

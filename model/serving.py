@@ -8,8 +8,9 @@
     reply.finish_reason, reply.completion_tokens    # "stop" | "length" | "cancelled", tokens generated
 
 A prompt that does not fit is cut by tokens: whole old turns go first (the system prompt and the last user turn
-stay), and only if those two alone are still too long is their text shortened. The prompt is always re-rendered
-through the tokenizer's chat template, so its markers are never cut in half.
+stay), and only if those two alone are still too long is their text shortened. The prompt is always re-encoded
+with `model.dataset.encode_prompt` (as SFT encoded the training data: template markers are whole special tokens,
+'<s>'/'</s>' typed in a message stay literal text), so its markers are never cut in half.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
+from .dataset import encode_prompt
 from .generate import SamplingParams, Utf8Detokenizer, stream
 
 
@@ -35,6 +37,10 @@ class LockedTokenizer:
     def encode(self, text: str, **kwargs) -> list[int]:
         with self._lock:
             return self._tokenizer.encode(text, add_special_tokens=False, **kwargs)
+
+    def __call__(self, text, **kwargs):
+        with self._lock:
+            return self._tokenizer(text, **kwargs)
 
     def decode(self, ids, **kwargs) -> str:
         with self._lock:
@@ -166,8 +172,7 @@ class ChatEngine:
 
     def render(self, system: str | None, turns: Sequence[dict]) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + list(turns)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return self.tokenizer.encode(text)
+        return encode_prompt(self.tokenizer, messages)
 
     def build_prompt(self, messages: Sequence[dict], budget: int | None = None) -> list[int]:
         """Token ids of the chat template applied to `messages`, at most `budget` tokens long.

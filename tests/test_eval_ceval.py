@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 import eval_ceval
 from model.checkpoint import TOKENIZER_DIR, load_tokenizer
+from model.dataset import encode_prompt
 
 MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "2048"]
 TITLES = {"computer_network": "计算机网络", "modern_chinese_history": "中国近现代史"}
@@ -86,9 +87,7 @@ def unbatched_predictions(model, tokenizer, title, questions, shots):
     letter_ids = tokenizer.convert_tokens_to_ids(list("ABCD"))
     preds, probs = [], []
     for q in questions:
-        text = tokenizer.apply_chat_template(eval_ceval.build_messages(title, q, shots), tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = encode_prompt(tokenizer, eval_ceval.build_messages(title, q, shots))
         logits = model(torch.tensor([ids])).logits[0, -1, letter_ids]
         preds.append("ABCD"[int(logits.argmax())])
         probs.append(logits.softmax(-1).tolist())
