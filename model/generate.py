@@ -14,7 +14,7 @@ never go beyond what RoPE was trained for.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,9 +111,8 @@ def stream(
     Stops when every row has produced EOS (which is yielded) or after `max_new_tokens` steps.
     Extra keyword arguments fill `SamplingParams`.
     """
-    p = params or SamplingParams()
-    for k, v in kwargs.items():
-        setattr(p, k, v)
+    # A copy: the caller's params object is never changed by keyword overrides.
+    p = replace(params or SamplingParams(), **kwargs)
     p.validate()
     config = model.config
     eos = config.eos_token_id if eos_token_id is None else eos_token_id

@@ -117,6 +117,12 @@ def test_invalid_sampling_params_raise(dense_model, bad):
         next(stream(dense_model, [[1, 2]], **bad))
 
 
+def test_keyword_overrides_leave_the_callers_params_alone(dense_model):
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    out = generate(dense_model, [[5, 6]], params, max_new_tokens=5, eos_token_id=NO_EOS)
+    assert len(out[0]) == 5 and params.max_new_tokens == 3
+
+
 def test_stream_yields_one_step_at_a_time(dense_model):
     steps = list(stream(dense_model, [[5, 6], [7]], max_new_tokens=4, temperature=0, eos_token_id=NO_EOS))
     assert len(steps) == 4 and all(s.shape == (2,) for s in steps)
