@@ -99,14 +99,18 @@ def _crop(ids: torch.Tensor, mask: torch.Tensor, keep: int):
 @torch.inference_mode()
 def stream(
     model,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
     params: SamplingParams | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     max_context: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> Iterator[torch.Tensor]:
     """Yield one tensor (B,) of new tokens per step; rows that already finished yield -1.
+
+    `prompts` is a list of token lists (left-padded here), or an already left-padded (B, T) tensor with its
+    `attention_mask` (1 = token, 0 = padding).
 
     Stops when every row has produced EOS (which is yielded) or after `max_new_tokens` steps.
     Extra keyword arguments fill `SamplingParams`.
@@ -122,7 +126,13 @@ def stream(
     if p.seed is not None and p.temperature >= GREEDY_BELOW:
         generator = torch.Generator(device=device).manual_seed(p.seed)
 
-    ids, mask = left_pad(prompts, pad_token_id, device)
+    if torch.is_tensor(prompts):
+        ids = prompts.to(device)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+        if ids.dim() != 2 or mask.shape != ids.shape or not bool(mask[:, -1].all()):
+            raise ValueError("a prompt tensor must be (B, T), left-padded, with an attention_mask of the same shape")
+    else:
+        ids, mask = left_pad(prompts, pad_token_id, device)
     if ids.shape[1] > max_context:  # prompts longer than the context keep their most recent tokens
         ids, mask = _crop(ids, mask, max_context)
     seen = torch.zeros(ids.shape[0], config.vocab_size, dtype=torch.bool, device=device)
@@ -152,7 +162,7 @@ def stream(
             cache = None
 
 
-def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, params: SamplingParams | None = None,
              eos_token_id: int | None = None, **kwargs) -> list[list[int]]:
     """New tokens for each prompt (EOS included when produced), as lists."""
     rows: list[list[int]] = [[] for _ in prompts]

@@ -44,6 +44,17 @@ def test_batch_generation_equals_one_by_one(use_moe):
     assert batched == single
 
 
+def test_left_padded_tensor_batch_equals_token_lists(dense_model):
+    from model.generate import left_pad
+
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    from_tensor = generate(dense_model, ids, attention_mask=mask, max_new_tokens=6, temperature=0, eos_token_id=NO_EOS)
+    assert from_tensor == generate(dense_model, prompts, max_new_tokens=6, temperature=0, eos_token_id=NO_EOS)
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(dense_model, ids.flip(1), attention_mask=mask.flip(1), max_new_tokens=2)
+
+
 def test_max_new_tokens_counts_new_tokens_only(dense_model):
     for n in (1, 5, 13):
         out = generate(dense_model, [[4, 5, 6, 7, 8]], max_new_tokens=n, temperature=0.9, seed=0, eos_token_id=NO_EOS)
