@@ -196,9 +196,10 @@ class Utf8Detokenizer:
         return text
 
     def flush(self) -> str:
+        """What is left when generation ends. A character cut off by max_new_tokens is dropped, not shown as U+FFFD."""
         text = self.tokenizer.decode(self.pending, skip_special_tokens=self.skip) if self.pending else ""
         self.pending = []
-        return text
+        return text.rstrip("\ufffd")
 
 
 def stream_text(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams | None = None,

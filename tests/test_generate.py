@@ -153,6 +153,11 @@ def test_utf8_detokenizer_never_splits_characters():
     pieces = [detok.push(i) for i in ids] + [detok.flush()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+    # a reply cut off in the middle of a character ends at the last whole character
+    cut = Utf8Detokenizer(tok)
+    ids = tok.encode("好🙂", add_special_tokens=False)  # the emoji is several byte-level tokens
+    assert len(ids) > 2
+    assert "".join(cut.push(i) for i in ids[:-1]) + cut.flush() == "好"
 
 
 @needs_tokenizer
@@ -169,4 +174,5 @@ def test_stream_text_returns_whole_characters():
     new = [t for t in new if t != tok.eos_token_id]
     # A random model may emit bytes that are not valid UTF-8 at all (shown as U+FFFD either way); what matters is
     # that no character was split between pieces: a split one would decode as extra U+FFFDs and break equality.
-    assert "".join(pieces) == tok.decode(new, skip_special_tokens=True)
+    # (A character cut off by max_new_tokens at the very end is dropped rather than shown as U+FFFD.)
+    assert "".join(pieces) == tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
