@@ -3,7 +3,7 @@
     python 2-eval.py                                          # out/full_sft_512.pth, interactive
     python 2-eval.py --ckpt out/rl_512.pth --temperature 0.7 --top_p 0.85
     python 2-eval.py --preset minimind-v1 --ckpt out/full_sft_768.pth
-    python 2-eval.py --ckpt out/full_sft_512.pth --lora_dir out/lora/lora_sft_512   # base + LoRA adapter
+    python 2-eval.py --ckpt out/full_sft_512.pth --lora_dir out/lora_sft_512        # base + LoRA adapter
     python 2-eval.py --prompt "你好" --prompt "你叫什么名字"    # non-interactive: the turns of one conversation
     python 2-eval.py --batch_file questions.txt               # non-interactive: one independent question a line
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer
-from model.dataset import encode_prompt
 from model.generate import SamplingParams, generate, stream_text
 from model.LMConfig import add_model_args, config_from_args
+from model.serving import ChatEngine
 
 
 def parse_args(argv=None):
@@ -59,28 +59,15 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return torch.float32  # CPU matmuls in half precision are slower, not faster
 
 
-def render(tokenizer, system: str, history: list[tuple[str, str]], user_msg: str) -> list[int]:
-    """Token ids of the whole conversation so far, ending where the assistant's answer starts."""
-    messages = [{"role": "system", "content": system}] if system else []
-    for question, answer in history:
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    messages.append({"role": "user", "content": user_msg})
-    return encode_prompt(tokenizer, messages)  # encoded as in SFT; '<s>'/'</s>' typed by the user stay literal
-
-
-def fit_prompt(tokenizer, system, history, user_msg, budget: int, max_turns: int | None = None):
-    """(prompt ids, the history actually kept): drop the oldest turns until the prompt fits in `budget` tokens.
-
-    If even the new message alone is too long, keep its last `budget` tokens: the end of a message (the actual
-    question, usually) matters more than its start.
-    """
+def chat_messages(system: str, history: list[tuple[str, str]], question: str, max_turns: int | None = None):
+    """The conversation as chat messages: optional system prompt, the last `max_turns` (question, answer) pairs
+    (all when None), and the new question."""
     if max_turns is not None:
         history = history[len(history) - max_turns:] if max_turns > 0 else []
-    while True:
-        ids = render(tokenizer, system, history, user_msg)
-        if len(ids) <= budget or not history:
-            return ids[-budget:], history
-        history = history[1:]
+    messages = [{"role": "system", "content": system}] if system else []
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return messages + [{"role": "user", "content": question}]
 
 
 def prompt_budget(context: int, max_new_tokens: int) -> int:
@@ -92,19 +79,27 @@ def prompt_budget(context: int, max_new_tokens: int) -> int:
 
 
 class Chat:
-    """One conversation: the history of (question, answer) pairs and how to answer the next question."""
+    """One conversation: the history of (question, answer) pairs and how to answer the next question.
+
+    The prompt is built by the server's `ChatEngine.build_prompt`, so the CLI and the API fit a conversation into
+    the context the same way: oldest turns dropped first, the system prompt kept, and a single over-long message
+    cut inside its text (keeping its end), never through the chat template.
+    """
 
     def __init__(self, model, tokenizer, params: SamplingParams, system: str = "", max_history_turns=None):
+        self.engine = ChatEngine(model, tokenizer)
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.system, self.max_history_turns = system, max_history_turns
         self.history: list[tuple[str, str]] = []
         self.budget = prompt_budget(model.config.context_length, params.max_new_tokens)
 
+    def prompt(self, question: str) -> list[int]:
+        messages = chat_messages(self.system, self.history, question, self.max_history_turns)
+        return self.engine.build_prompt(messages, self.budget)
+
     def reply(self, question: str, out=sys.stdout) -> str:
-        ids, self.history = fit_prompt(self.tokenizer, self.system, self.history, question, self.budget,
-                                       self.max_history_turns)
         pieces = []
-        for piece in stream_text(self.model, self.tokenizer, ids, self.params):
+        for piece in stream_text(self.model, self.tokenizer, self.prompt(question), self.params):
             pieces.append(piece)
             out.write(piece)
             out.flush()
@@ -116,10 +111,11 @@ class Chat:
 
 def answer_batch(model, tokenizer, questions: list[str], params: SamplingParams, system: str, batch_size: int):
     """Independent single-turn answers, `batch_size` questions per generate call (left-padded batches)."""
+    engine = ChatEngine(model, tokenizer)
     budget = prompt_budget(model.config.context_length, params.max_new_tokens)
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
-        prompts = [fit_prompt(tokenizer, system, [], q, budget)[0] for q in chunk]
+        prompts = [engine.build_prompt(chat_messages(system, [], q), budget) for q in chunk]
         outputs = generate(model, prompts, params, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id or 0)
         for question, new_ids in zip(chunk, outputs):

@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, tiny_model
 
 from model.checkpoint import load_tokenizer
+from model.dataset import encode_prompt
 
 spec = importlib.util.spec_from_file_location("chat_cli", ROOT / "2-eval.py")
 chat_cli = importlib.util.module_from_spec(spec)
@@ -25,22 +26,30 @@ HISTORY = [(f"第{i}个问题是什么？", f"这是第{i}个回答。") for i i
 
 def test_oldest_turns_are_dropped_first_and_the_system_prompt_stays(tok):
     system = "你是一个助手。"
-    full = chat_cli.render(tok, system, HISTORY, "新问题")
-    last_two = chat_cli.render(tok, system, HISTORY[-2:], "新问题")
-    last_three = chat_cli.render(tok, system, HISTORY[-3:], "新问题")
-    assert len(last_two) < len(last_three) < len(full)
+    model = tiny_model(vocab_size=len(tok), max_seq_len=1024)
+    chat = chat_cli.Chat(model, tok, chat_cli.SamplingParams(max_new_tokens=8), system=system)
+    chat.history = list(HISTORY)
 
-    ids, kept = chat_cli.fit_prompt(tok, system, HISTORY, "新问题", budget=len(last_three) - 1)
-    assert kept == HISTORY[-2:] and ids == last_two
-    assert tok.decode(ids).startswith(system)
-    ids, kept = chat_cli.fit_prompt(tok, system, HISTORY, "新问题", budget=len(full))
-    assert kept == HISTORY and ids == full
-    ids, kept = chat_cli.fit_prompt(tok, system, HISTORY, "新问题", budget=len(full), max_turns=1)
-    assert kept == HISTORY[-1:]
-    # a single message longer than the budget keeps its end (where the prompt asks for the answer)
-    alone = chat_cli.render(tok, "", [], "很长" * 50)
-    ids, kept = chat_cli.fit_prompt(tok, "", HISTORY, "很长" * 50, budget=20)
-    assert kept == [] and ids == alone[-20:]
+    def expected(history, question="新问题", sys_prompt=system):
+        return encode_prompt(tok, chat_cli.chat_messages(sys_prompt, history, question))
+
+    full, last_two, last_three = expected(HISTORY), expected(HISTORY[-2:]), expected(HISTORY[-3:])
+    assert len(last_two) < len(last_three) < len(full)
+    chat.budget = len(last_three) - 1
+    assert chat.prompt("新问题") == last_two
+    assert tok.decode(last_two).startswith(system)
+    chat.budget = len(full)
+    assert chat.prompt("新问题") == full
+    chat.max_history_turns = 1
+    assert chat.prompt("新问题") == expected(HISTORY[-1:])
+
+    # a single message longer than the budget is cut inside its text, keeping its end; the template stays whole
+    chat.system, chat.max_history_turns, chat.budget = "", None, 20
+    question = "很长" * 50 + "结尾的问题？"
+    ids = chat.prompt(question)
+    assert len(ids) <= 20
+    text = tok.decode(ids)
+    assert text.startswith("<s>user\n") and text.endswith("结尾的问题？</s>\n<s>assistant\n")
 
 
 def test_prompt_budget_leaves_room_for_the_answer():
