@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer
+from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer, resolve_dtype
 from model.generate import SamplingParams, generate, stream_text
 from model.LMConfig import add_model_args, config_from_args
 
@@ -45,8 +43,7 @@ if not ckpt.exists():
     sys.exit(f"error: no checkpoint at {ckpt}; train one with 1-pretrain.py (same --dim/--n_layers/--use_moe) "
              f"or pass --ckpt")
 device = args.device or default_device()
-dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-model = load_model(ckpt, config, device=device, dtype=dtype)
+model = load_model(ckpt, config, device=device, dtype=resolve_dtype(None, device, fp16_fallback=False))
 tokenizer = load_tokenizer(args.tokenizer)
 
 prompts = list(args.prompt or [])

@@ -19,9 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer
+from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer, resolve_dtype
 from model.generate import SamplingParams, generate, stream_text
 from model.LMConfig import add_model_args, config_from_args
 from model.serving import ChatEngine
@@ -49,14 +47,6 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="questions generated together with --batch_file")
     add_model_args(parser)
     return parser.parse_args(argv)
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPU matmuls in half precision are slower, not faster
 
 
 def chat_messages(system: str, history: list[tuple[str, str]], question: str, max_turns: int | None = None):
@@ -166,7 +156,7 @@ def main(argv=None):
     if args.lora_dir:
         from model.lora import apply_adapter
         model = apply_adapter(model, args.lora_dir)
-    model = model.to(device=device, dtype=pick_dtype(args.dtype, device)).eval()
+    model = model.to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
     print(f"loaded {ckpt}{' + ' + args.lora_dir if args.lora_dir else ''} "
           f"({model.num_parameters_unique() / 1e6:.1f}M params, context {config.context_length}) on {device}",
           file=sys.stderr)

@@ -24,11 +24,17 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import DPOConfig
 
-from model.checkpoint import atomic_save, clean_state_dict, default_device, load_state_dict, load_tokenizer
+from model.checkpoint import (
+    atomic_save,
+    clean_state_dict,
+    default_device,
+    default_dtype_name,
+    load_state_dict,
+    load_tokenizer,
+)
 from model.dataset import load_dpo_records
 from model.dpo import MiniMindDPOTrainer, MiniMindForDPO, records_to_dataset
 from model.LMConfig import add_model_args, config_from_args
@@ -79,8 +85,7 @@ def main(argv=None):
     suffix = config.file_suffix
     device = args.device or default_device()
     if args.dtype is None:
-        args.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") \
-            else "float32"
+        args.dtype = default_dtype_name(device)
     out_dir = Path(args.out_dir)
     is_master = int(os.environ.get("RANK", "0")) == 0
 

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from model.checkpoint import default_device
+from model.checkpoint import DTYPES, default_device, default_dtype_name
 from model.LMConfig import PRESETS, LMConfig
 from model.model import MiniMindForCausalLM
-from model.train_utils import DTYPES, Runtime, make_optimizer, peak_flops
+from model.train_utils import Runtime, make_optimizer, peak_flops
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
@@ -28,13 +28,13 @@ parser.add_argument("--max_seq_len", type=int, default=512)
 parser.add_argument("--steps", type=int, default=20, help="timed steps")
 parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
 parser.add_argument("--device", type=str, default=None)
-parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on GPU, float32 on CPU")
+parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on GPUs that have it (float16 on older ones), float32 on CPU")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile (default: on for CUDA)")
 args = parser.parse_args()
 
 device = torch.device(args.device or default_device())
-dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+dtype_name = args.dtype or default_dtype_name(device.type)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
 warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
 rt = Runtime(device=device, device_type=device.type, dtype=DTYPES[dtype_name],

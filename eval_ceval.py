@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer
+from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer, resolve_dtype
 from model.dataset import encode_prompt
 from model.generate import left_pad
 from model.LMConfig import add_model_args, config_from_args
@@ -342,9 +342,7 @@ def main(argv=None) -> int:
     chart = Path(args.chart) if args.chart else ROOT_DIR / "images" / f"{args.benchmark}_{args.split}_accuracy.png"
 
     device = args.device or default_device()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = resolve_dtype(args.dtype, device, fp16_fallback=False)
     tokenizer = load_tokenizer(args.tokenizer_dir)
     config = config_from_args(args)
     if len(tokenizer) > config.vocab_size:

@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import PACKAGE_DIR, TOKENIZER_DIR, load_model, load_tokenizer
+from model.checkpoint import DTYPES, PACKAGE_DIR, TOKENIZER_DIR, load_model, load_tokenizer
 from model.LMConfig import LMConfig, add_model_args, config_from_args
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 AUTO_MAP = {"AutoConfig": "LMConfig.LMConfig", "AutoModelForCausalLM": "model.MiniMindForCausalLM"}
 

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import streamlit as st
-import torch
 
-from model.checkpoint import OUT_DIR, ROOT_DIR, default_device, load_model, load_tokenizer
+from model.checkpoint import OUT_DIR, ROOT_DIR, default_device, load_model, load_tokenizer, resolve_dtype
 from model.generate import SamplingParams
 from model.LMConfig import add_model_args, config_from_args
 from model.serving import ChatEngine
@@ -42,7 +41,7 @@ def parse_args():
 def load_engine(ckpt: str, modified: float, shape: tuple, tokenizer_dir: str | None, device: str) -> ChatEngine:
     """Cached on its arguments: `modified` (the file's mtime) makes a re-trained checkpoint load again."""
     config = config_from_args(argparse.Namespace(**dict(shape)))
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    dtype = resolve_dtype(None, device, fp16_fallback=False)
     return ChatEngine(load_model(ckpt, config, device=device, dtype=dtype), load_tokenizer(tokenizer_dir))
 
 

@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -39,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer
+from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer, resolve_dtype
 from model.generate import SamplingParams
 from model.LMConfig import add_model_args, config_from_args
 from model.serving import ChatEngine
@@ -420,9 +419,7 @@ def main():
     ckpt = Path(args.ckpt) if args.ckpt else OUT_DIR / f"full_sft_{config.file_suffix}.pth"
     args.model_name = args.model_name or ckpt.stem
     device = args.device or default_device()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if args.dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
+    dtype = resolve_dtype(args.dtype, device, fp16_fallback=False)
     try:
         model = load_model(ckpt, config, device=device, dtype=dtype)
         tokenizer = load_tokenizer(args.tokenizer_dir)

@@ -20,6 +20,26 @@ TOKENIZER_DIR = PACKAGE_DIR / "minimind_tokenizer"
 OUT_DIR = ROOT_DIR / "out"
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_dtype_name(device, fp16_fallback: bool = True) -> str:
+    """The precision a device runs best: bfloat16 on GPUs that support it; on older GPUs float16 (float32 when
+    `fp16_fallback` is False); float32 elsewhere (half-precision matmuls on a CPU are slower, not faster)."""
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float16" if fp16_fallback else "float32"
+    return "float32"
+
+
+def resolve_dtype(name: str | None, device, fp16_fallback: bool = True) -> torch.dtype:
+    """A --dtype flag's value as a torch dtype; None or "auto" picks `default_dtype_name` for the device."""
+    if name in (None, "auto"):
+        name = default_dtype_name(device, fp16_fallback)
+    return DTYPES[name]
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"

@@ -26,12 +26,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .checkpoint import OUT_DIR, ROOT_DIR, atomic_save, clean_state_dict, default_device
+from .checkpoint import DTYPES, OUT_DIR, ROOT_DIR, atomic_save, clean_state_dict, default_device, default_dtype_name
 from .dataset import ShardedSampler
 
 IMAGES_DIR = ROOT_DIR / "images"
 DEFAULT_DS_CONFIG = ROOT_DIR / "ds_config_zero2.json"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,10 +121,7 @@ def compute_init(args) -> Runtime:
     device_type = device.type
 
     if args.dtype is None:
-        if device_type == "cuda":
-            args.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            args.dtype = "float32"
+        args.dtype = default_dtype_name(device_type)
     dtype = DTYPES[args.dtype]
     # Loss scaling is only needed for float16's narrow exponent range; bfloat16 and float32 run unscaled.
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))

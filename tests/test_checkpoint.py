@@ -48,3 +48,16 @@ def test_clear_errors_for_missing_file_and_wrong_shape(tmp_path):
     atomic_save(tiny_model().state_dict(), tmp_path / "w.pth")
     with pytest.raises(RuntimeError, match="--dim/--n_layers/--use_moe"):
         load_model(tmp_path / "w.pth", tiny_config(dim=128))
+
+
+def test_dtype_defaults_per_device(monkeypatch):
+    from model.checkpoint import default_dtype_name, resolve_dtype
+
+    assert resolve_dtype(None, "cpu") == torch.float32  # half-precision matmuls on a CPU are slower
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # an explicit choice always wins
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_dtype_name("cuda:1") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_dtype_name("cuda") == "float16"  # older GPUs: fp16 (training scales its loss)
+    assert resolve_dtype(None, "cuda", fp16_fallback=False) == torch.float32  # inference without fp16 on them
