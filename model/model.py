@@ -98,6 +98,13 @@ class KVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._len[layer_idx]
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep the rows of the chosen beams (transformers' beam search calls this after every step)."""
+        for i, (k, v) in enumerate(zip(self._k, self._v)):
+            if k is not None:
+                self._k[i] = k.index_select(0, beam_idx.to(k.device))
+                self._v[i] = v.index_select(0, beam_idx.to(v.device))
+
 
 class Attention(nn.Module):
     def __init__(self, config: LMConfig, layer_idx: int):
@@ -318,6 +325,9 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: (B, past+T) with 0 for padding, or a ready boolean (B, 1, T, past+T) mask where True means
             "may attend" (e.g. block-diagonal masks for packed documents).
         """
+        # transformers 5.x's GenerationMixin passes the cache as `cache=`; 4.x (and trl/peft) as `past_key_values=`.
+        if past_key_values is None:
+            past_key_values = kwargs.pop("cache", None)
         h = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         if use_cache and past_key_values is None:
