@@ -15,6 +15,7 @@ import argparse
 
 from model.checkpoint import ROOT_DIR
 from model.dataset import PretrainDataset
+from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, config_from_args
 from model.model import MiniMindForCausalLM
 from model.train_utils import add_train_args, compute_cleanup, compute_init, print0, train
@@ -22,17 +23,25 @@ from model.train_utils import add_train_args, compute_cleanup, compute_init, pri
 parser = argparse.ArgumentParser(description="MiniMind pretraining")
 add_model_args(parser)
 add_train_args(parser, data_path=str(ROOT_DIR / "dataset" / "pretrain_data.bin"), batch_size=32,
-               learning_rate=5e-4, warmup_iters=100, save_interval=1000, log_interval=100)
+               learning_rate=5e-4, warmup_iters=100, save_interval=1000)
 parser.add_argument("--doc_mask", action="store_true",
                     help="no attention across documents in a packed window (slower: no flash kernel)")
-args = parser.parse_args()
 
-rt = compute_init(args)
-config = config_from_args(args)
-model = MiniMindForCausalLM(config)  # same seed on every rank, so every rank starts from the same weights
-dataset = PretrainDataset(args.data_path, config.max_seq_len, doc_mask=args.doc_mask)
-print0(f"{args.data_path}: {dataset.n_docs:,} documents, {dataset.n_tokens:,} tokens, "
-       f"{len(dataset):,} windows of {config.max_seq_len}")
-train(args, rt, model, dataset, weights_name=f"pretrain_{config.file_suffix}",
-      run_name=f"pretrain_{config.file_suffix}")
-compute_cleanup()
+
+@exit_on_usage_error
+def main(argv=None):
+    args = parser.parse_args(argv)
+
+    rt = compute_init(args)
+    config = config_from_args(args)
+    model = MiniMindForCausalLM(config)  # same seed on every rank, so every rank starts from the same weights
+    dataset = PretrainDataset(args.data_path, config.max_seq_len, doc_mask=args.doc_mask)
+    print0(f"{args.data_path}: {dataset.n_docs:,} documents, {dataset.n_tokens:,} tokens, "
+           f"{len(dataset):,} windows of {config.max_seq_len}")
+    train(args, rt, model, dataset, weights_name=f"pretrain_{config.file_suffix}",
+          run_name=f"pretrain_{config.file_suffix}")
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -19,15 +19,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer, resolve_dtype
+from model.checkpoint import OUT_DIR, default_device, find_checkpoint, load_model, load_tokenizer, resolve_dtype
+from model.errors import UsageError, exit_on_usage_error
 from model.generate import SamplingParams, generate, stream_text
-from model.LMConfig import add_model_args, config_from_args
+from model.LMConfig import add_model_args, model_flags
 from model.serving import ChatEngine
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat with a MiniMind checkpoint")
-    parser.add_argument("--ckpt", default=None, help="weights to load (default: out/full_sft_{dim}{_moe}.pth)")
+    parser.add_argument("--ckpt", default=None, help="weights to load (default: the newest out/full_sft_<dim>.pth)")
     parser.add_argument("--lora_dir", default=None, help="a peft LoRA adapter (from 4-lora_sft.py) to apply on top")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: model/minimind_tokenizer)")
     parser.add_argument("--device", default=None, help="cuda / cpu / mps (default: the best available)")
@@ -135,15 +136,13 @@ def interactive(chat: Chat):
             print("\n(interrupted)")
 
 
+@exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
-    config = config_from_args(args)
     device = args.device or default_device()
-    ckpt = Path(args.ckpt) if args.ckpt else OUT_DIR / f"full_sft_{config.file_suffix}.pth"
-    if not ckpt.exists():
-        sys.exit(f"checkpoint not found: {ckpt} (train one with 3-full_sft.py, or pass --ckpt and the model flags)")
+    ckpt = Path(args.ckpt) if args.ckpt else find_checkpoint(OUT_DIR, "full_sft", model_flags(args))
     if args.batch_file and not Path(args.batch_file).exists():
-        sys.exit(f"batch file not found: {args.batch_file}")
+        raise UsageError(f"batch file not found: {args.batch_file}")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     try:
@@ -152,7 +151,8 @@ def main(argv=None):
         sys.exit(str(err))
 
     tokenizer = load_tokenizer(args.tokenizer)
-    model = load_model(ckpt, config, device="cpu")
+    model = load_model(ckpt, device="cpu", flags=model_flags(args))
+    config = model.config
     if args.lora_dir:
         from model.lora import apply_adapter
         model = apply_adapter(model, args.lora_dir)

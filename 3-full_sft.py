@@ -14,40 +14,37 @@ sample with no answer token left is skipped and counted (see model/dataset.py).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-from model.checkpoint import load_model
+from model.checkpoint import find_checkpoint, load_model, read_checkpoint
 from model.dataset import SFTDataset
-from model.LMConfig import add_model_args, config_from_args
+from model.errors import exit_on_usage_error
+from model.LMConfig import add_model_args, model_flags
 from model.train_utils import add_train_args, compute_cleanup, compute_init, print0, train
 
 ROOT = Path(__file__).resolve().parent
 
 
+@exit_on_usage_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default=None,
-                        help="weights to start from (default: {out_dir}/pretrain_{dim}{_moe}.pth)")
+                        help="weights to start from (default: the newest {out_dir}/pretrain_<dim>.pth)")
     add_model_args(parser)
     # v1's SFT recipe: a lower peak LR than pretraining, small batches of padded conversations.
     add_train_args(parser, data_path=str(ROOT / "dataset" / "sft_data.bin"), learning_rate=1e-4, batch_size=32,
-                   epochs=1, save_interval=1000, log_interval=100)
+                   epochs=1, save_interval=1000)
     args = parser.parse_args(argv)
-    config = config_from_args(args)
     rt = compute_init(args)
 
-    init = Path(args.init) if args.init else Path(args.out_dir) / f"pretrain_{config.file_suffix}.pth"
-    if args.resume:  # the resume file already holds the fine-tuned weights; the loop loads them
-        init = None
-    elif not init.exists():
-        sys.exit(f"no weights to start from at {init}: run 1-pretrain.py first, or pass --init")
-    model = load_model(init, config, device="cpu")  # strict: a shape mismatch names the flags to fix
-    print0(f"initialised from {init}" if init else "weights come from the resume file")
-    try:
-        dataset = SFTDataset(args.data_path, config.max_seq_len)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    # The model's shape comes from the file (its JSON, or its tensors); model flags only have to agree with it.
+    init = Path(args.init) if args.init else find_checkpoint(args.out_dir, "pretrain", model_flags(args))
+    ckpt = read_checkpoint(init, model_flags(args))
+    config = ckpt.config
+    # With --resume the loop replaces these weights with the resume file's; their shape is the same.
+    model = load_model(ckpt, device="cpu")
+    print0(f"initialised from {init}" + (" (weights then replaced by the resume file)" if args.resume else ""))
+    dataset = SFTDataset(args.data_path, config.max_seq_len)
 
     train(args, rt, model, dataset, weights_name=f"full_sft_{config.file_suffix}")
     compute_cleanup()

@@ -16,21 +16,22 @@ Writes, under --out_dir:
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-from model.checkpoint import load_model
+from model.checkpoint import find_checkpoint, load_model, read_checkpoint
 from model.dataset import SFTDataset
-from model.LMConfig import add_model_args, config_from_args
+from model.errors import UsageError, exit_on_usage_error
+from model.LMConfig import add_model_args, model_flags
 from model.lora import DEFAULT_TARGETS, adapter_state_dict, add_lora, merged_state_dict, save_adapter
 from model.train_utils import add_train_args, compute_cleanup, compute_init, print0, train
 
 ROOT = Path(__file__).resolve().parent
 
 
+@exit_on_usage_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default=None, help="base weights (default: {out_dir}/full_sft_{dim}{_moe}.pth)")
+    parser.add_argument("--init", default=None, help="base weights (default: the newest {out_dir}/full_sft_<dim>.pth)")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_alpha", type=float, default=16, help="scale = alpha / rank")
     parser.add_argument("--lora_dropout", type=float, default=0.0)
@@ -40,24 +41,20 @@ def main(argv=None):
     add_model_args(parser)
     # Adapters start at zero and are few, so they take a higher LR than full fine-tuning, and no weight decay.
     add_train_args(parser, data_path=str(ROOT / "dataset" / "sft_data.bin"), learning_rate=1e-3, weight_decay=0.0,
-                   batch_size=32, epochs=1, save_interval=1000, log_interval=100)
+                   batch_size=32, epochs=1, save_interval=1000)
     args = parser.parse_args(argv)
-    config = config_from_args(args)
     rt = compute_init(args)
 
-    init = Path(args.init) if args.init else Path(args.out_dir) / f"full_sft_{config.file_suffix}.pth"
-    if not init.exists():
-        sys.exit(f"no base weights at {init}: run 3-full_sft.py first, or pass --init")
-    base = load_model(init, config, device="cpu")
+    init = Path(args.init) if args.init else find_checkpoint(args.out_dir, "full_sft", model_flags(args))
+    ckpt = read_checkpoint(init, model_flags(args))  # the shape comes from the file
+    config = ckpt.config
+    base = load_model(ckpt, device="cpu")
     try:
         model = add_lora(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        raise UsageError(str(err)) from None
     print0(f"LoRA rank {args.lora_rank} alpha {args.lora_alpha} on {' '.join(args.lora_targets)} over {init}")
-    try:
-        dataset = SFTDataset(args.data_path, config.max_seq_len)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    dataset = SFTDataset(args.data_path, config.max_seq_len)
 
     name = f"lora_sft_{config.file_suffix}"
     adapter_dir = Path(args.out_dir) / name
@@ -68,8 +65,7 @@ def main(argv=None):
         return merged_state_dict(peft_model) if args.merge else adapter_state_dict(peft_model)
 
     train(args, rt, model, dataset, weights_name=name if args.merge else f"{name}_adapter",
-          save_state_dict_fn=weights, run_name=name)
-    print0(f"adapter saved to {adapter_dir}")
+          save_state_dict_fn=weights, run_name=name, outputs={"adapter (peft)": adapter_dir})
     compute_cleanup()
 
 

@@ -20,26 +20,30 @@ atomically), the loss curve in images/, and trainer checkpoints for --resume in 
 
 import argparse
 import copy
+import math
 import os
-import sys
+import time
 from pathlib import Path
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.utils import logging as hf_logging
 from trl import DPOConfig
 
 from model.checkpoint import (
-    atomic_save,
     clean_state_dict,
     default_device,
     default_dtype_name,
-    load_state_dict,
+    find_checkpoint,
     load_tokenizer,
+    read_checkpoint,
+    save_weights,
 )
 from model.dataset import load_dpo_records
 from model.dpo import MiniMindDPOTrainer, MiniMindForDPO, records_to_dataset
-from model.LMConfig import add_model_args, config_from_args
+from model.errors import exit_on_usage_error
+from model.LMConfig import add_model_args, model_flags
 from model.lora import DEFAULT_TARGETS, lora_config, merged_state_dict, save_adapter
-from model.train_utils import add_train_args, save_loss_plot
+from model.train_utils import LOG_EVERY_S, add_train_args, print_outputs, resolve_log_interval, save_loss_plot
 
 ROOT = Path(__file__).resolve().parent
 
@@ -49,10 +53,24 @@ class LogLines(TrainerCallback):
 
     def __init__(self):
         self.history = []
+        self.t_line = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t_line = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The Trainer logs every logging_steps only; the last step always gets its line too, as in train_utils.train.
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        # And a line whenever LOG_EVERY_S pass without one. Single process only: a log makes the Trainer gather the
+        # loss from every rank, and the ranks' clocks would not agree on when.
+        elif args.world_size == 1 and time.time() - self.t_line >= LOG_EVERY_S:
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
+        self.t_line = time.time()
         self.history.append({"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0)})
         print(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
               f"margin {logs.get('rewards/margins', 0.0):.4f} | acc {logs.get('rewards/accuracies', 0.0):.2f} | "
@@ -62,7 +80,7 @@ class LogLines(TrainerCallback):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default=None, help="policy to start from (default: {out_dir}/full_sft_{dim}{_moe}.pth)")
+    parser.add_argument("--init", default=None, help="policy to start from (default: the newest {out_dir}/full_sft_<dim>.pth)")
     parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     parser.add_argument("--max_length", type=int, default=None,
                         help="prompt + answer tokens (default: --max_seq_len); long prompts keep their end")
@@ -75,45 +93,27 @@ def parse_args(argv=None):
     add_model_args(parser)
     # DPO moves a fine-tuned model a little: a small LR, small batches of (chosen, rejected) pairs.
     add_train_args(parser, data_path=str(ROOT / "dataset" / "dpo_data.jsonl"), learning_rate=5e-6,
-                   weight_decay=0.0, batch_size=8, epochs=1, save_interval=1000, log_interval=10, num_workers=0)
+                   weight_decay=0.0, batch_size=8, epochs=1, save_interval=1000, num_workers=0)
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    config = config_from_args(args)
-    suffix = config.file_suffix
-    device = args.device or default_device()
-    if args.dtype is None:
-        args.dtype = default_dtype_name(device)
-    out_dir = Path(args.out_dir)
-    is_master = int(os.environ.get("RANK", "0")) == 0
+def dpo_steps(args, n_pairs: int) -> int:
+    """The optimizer steps the Trainer will take: --max_steps, or the epochs over the pairs split across the ranks."""
+    if args.max_steps > 0:
+        return args.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return args.epochs * math.ceil(n_pairs / (args.batch_size * args.accumulation_steps * world))
 
-    init = Path(args.init) if args.init else out_dir / f"full_sft_{suffix}.pth"
-    if not init.exists():
-        sys.exit(f"no policy to start from at {init}: run 3-full_sft.py first, or pass --init")
-    try:
-        dataset = records_to_dataset(load_dpo_records(args.data_path))
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    tokenizer = load_tokenizer(args.tokenizer)
 
-    policy = MiniMindForDPO(config)
-    try:
-        policy.load_state_dict(load_state_dict(init), strict=True)
-    except RuntimeError as err:
-        sys.exit(f"{init} does not match the model flags (dim={config.dim}, n_layers={config.n_layers}, "
-                 f"use_moe={config.use_moe}):\n{err}")
-    ref_model, peft_config = None, None
-    if args.use_lora:
-        peft_config = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    else:
-        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
-
-    if args.use_wandb:
-        os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
-    dpo_args = DPOConfig(
-        output_dir=str(out_dir / f"rl_{suffix}_trainer"),
+def make_dpo_config(args, config, device: str, n_pairs: int) -> DPOConfig:
+    """trl's settings from our flags (the same flags and defaults as the other training scripts)."""
+    # trl turns checkpointing on by default; MiniMind does not implement it (the models are small). transformers 5
+    # renamed the field and warns on the old name, which transformers 4 still needs.
+    name = "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    no_activation_checkpointing = {name: False}
+    return DPOConfig(
+        output_dir=str(Path(args.out_dir) / f"rl_{config.file_suffix}_trainer"),
         beta=args.beta,
         max_length=args.max_length or config.max_seq_len,
         learning_rate=args.learning_rate,
@@ -126,45 +126,78 @@ def main(argv=None):
         gradient_accumulation_steps=args.accumulation_steps,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps > 0 else -1,
-        logging_steps=args.log_interval,
+        logging_steps=resolve_log_interval(args, dpo_steps(args, n_pairs)),
         save_strategy="steps",
         save_steps=args.save_interval,
         save_total_limit=1,
         report_to=["wandb"] if args.use_wandb else "none",
-        run_name=f"rl_{suffix}",
+        run_name=f"rl_{config.file_suffix}",
         seed=args.seed,
         use_cpu=device == "cpu",
         bf16=args.dtype == "bfloat16",
         fp16=args.dtype == "float16",
-        gradient_checkpointing=False,  # MiniMind does not implement it; the models are small
+        **no_activation_checkpointing,
         torch_compile=args.compile,
         dataloader_num_workers=args.num_workers,
         deepspeed=args.deepspeed,
         disable_tqdm=True,
     )
+
+
+@exit_on_usage_error
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or default_device()
+    if args.dtype is None:
+        args.dtype = default_dtype_name(device)
+    out_dir = Path(args.out_dir)
+    is_master = int(os.environ.get("RANK", "0")) == 0
+
+    init = Path(args.init) if args.init else find_checkpoint(out_dir, "full_sft", model_flags(args))
+    ckpt = read_checkpoint(init, model_flags(args))  # the shape comes from the file
+    config, suffix = ckpt.config, ckpt.config.file_suffix
+    dataset = records_to_dataset(load_dpo_records(args.data_path))
+    tokenizer = load_tokenizer(args.tokenizer)
+
+    policy = MiniMindForDPO(config)
+    policy.load_state_dict(ckpt.state, strict=True)
+    ref_model, peft_config = None, None
+    if args.use_lora:
+        peft_config = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    else:
+        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    if args.use_wandb:
+        os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
+    dpo_args = make_dpo_config(args, config, device, len(dataset))
     trainer = MiniMindDPOTrainer(model=policy, ref_model=ref_model, args=dpo_args, train_dataset=dataset,
                                  processing_class=tokenizer, peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    # Each trainer checkpoint would also draw a one-shard "Writing model shards" progress bar into the log.
+    hf_logging.disable_progress_bar()
     log = LogLines()
     trainer.add_callback(log)
     if is_master:
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         print(f"DPO on {len(dataset):,} pairs from {init}: beta {args.beta}, max_length {dpo_args.max_length}, "
               f"{n_train / 1e6:.2f}M trainable params{' (LoRA)' if args.use_lora else ''}, device {device}, "
-              f"dtype {args.dtype}, world size {dpo_args.world_size}", flush=True)
+              f"dtype {args.dtype}, world size {dpo_args.world_size}, logging every {dpo_args.logging_steps} steps "
+              f"(and at least every {LOG_EVERY_S:.0f} s)", flush=True)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
+        lora_dir = out_dir / f"rl_{suffix}_lora" if args.use_lora else None
         if args.use_lora:
-            save_adapter(model, out_dir / f"rl_{suffix}_lora")
+            save_adapter(model, lora_dir)
             state = merged_state_dict(model)
         else:
             state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        path = atomic_save(state, out_dir / f"rl_{suffix}.pth")
-        save_loss_plot(log.history, Path(args.images_dir) / f"rl_{suffix}_loss.png", title=f"DPO rl_{suffix}")
-        print(f"saved {path}", flush=True)
+        path = save_weights(state, out_dir / f"rl_{suffix}.pth", config)
+        plot = save_loss_plot(log.history, Path(args.images_dir) / f"rl_{suffix}_loss.png", title=f"DPO rl_{suffix}")
+        print_outputs({"weights": path, "adapter (peft)": lora_dir, "resume state": Path(dpo_args.output_dir),
+                       "loss plot": plot})
     trainer.accelerator.wait_for_everyone()
 
 

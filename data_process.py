@@ -40,6 +40,7 @@ from model.dataset import (
     TokenFileWriter,
     conversation_segments,
     parse_json_line,
+    token_dtype,
     truncate_turns_with_bounds,
     validate_messages,
 )
@@ -253,10 +254,16 @@ def dpo_chunk(chunk):
 # sinks: collect worker results into the output file
 
 
+def tokenizer_vocab_size(tokenizer_dir: str) -> int:
+    """How many token ids the tokenizer can produce (added tokens included), which sizes the `tokens` dtype."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
 class PretrainSink:
     def __init__(self, out: Path, vocab_size: int, dedup_threshold: float | None, num_perm: int):
-        self.writer = TokenFileWriter(out, "pretrain", {"tokens": "uint16" if vocab_size <= 65536 else "uint32",
-                                                        "doc_offsets": "uint64"})
+        self.writer = TokenFileWriter(out, "pretrain", {"tokens": token_dtype(vocab_size), "doc_offsets": "uint64"})
         self.writer.append("doc_offsets", [0])
         self.n_tokens = self.kept = self.duplicates = 0
         self.lsh = self.seen = None
@@ -296,8 +303,8 @@ class PretrainSink:
 
 
 class SFTSink:
-    def __init__(self, out: Path, max_seq_len: int):
-        self.writer = TokenFileWriter(out, "sft", {"tokens": "uint16", "answer_mask": "uint8",
+    def __init__(self, out: Path, vocab_size: int):
+        self.writer = TokenFileWriter(out, "sft", {"tokens": token_dtype(vocab_size), "answer_mask": "uint8",
                                                    "sample_offsets": "uint64", "turn_bounds": "uint32",
                                                    "turn_offsets": "uint64"})
         self.writer.append("sample_offsets", [0])
@@ -385,12 +392,10 @@ def main(argv=None):
     num_perm = getattr(args, "num_perm", 128)
 
     if args.stage == "pretrain":
-        from tokenizers import Tokenizer
-
-        vocab = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json")).get_vocab_size()
-        sink, work = PretrainSink(out, vocab, args.dedup_threshold if dedup else None, num_perm), pretrain_chunk
+        threshold = args.dedup_threshold if dedup else None
+        sink, work = PretrainSink(out, tokenizer_vocab_size(args.tokenizer), threshold, num_perm), pretrain_chunk
     elif args.stage == "sft":
-        sink, work = SFTSink(out, args.max_seq_len), sft_chunk
+        sink, work = SFTSink(out, tokenizer_vocab_size(args.tokenizer)), sft_chunk
     else:
         sink, work = DPOSink(out), dpo_chunk
 

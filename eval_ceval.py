@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer, resolve_dtype
+from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer, read_checkpoint, resolve_dtype
 from model.dataset import encode_prompt
+from model.errors import exit_on_usage_error
 from model.generate import left_pad
-from model.LMConfig import add_model_args, config_from_args
+from model.LMConfig import add_model_args, model_flags
 
 ROOT_DIR = Path(__file__).resolve().parent
 LETTERS = ("A", "B", "C", "D")
@@ -322,6 +323,7 @@ def parse_args(argv=None):
     return args
 
 
+@exit_on_usage_error
 def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = Path(args.data_dir)
@@ -344,10 +346,11 @@ def main(argv=None) -> int:
     device = args.device or default_device()
     dtype = resolve_dtype(args.dtype, device, fp16_fallback=False)
     tokenizer = load_tokenizer(args.tokenizer_dir)
-    config = config_from_args(args)
+    ckpt = read_checkpoint(args.ckpt, model_flags(args))  # the shape comes from the file
+    config = ckpt.config
     if len(tokenizer) > config.vocab_size:
         sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}")
-    model = load_model(args.ckpt, config, device=device, dtype=dtype)
+    model = load_model(ckpt, device=device, dtype=dtype)
     letter_ids = letter_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_tokens = config.context_length

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import DTYPES, PACKAGE_DIR, TOKENIZER_DIR, load_model, load_tokenizer
-from model.LMConfig import LMConfig, add_model_args, config_from_args
+from model.checkpoint import DTYPES, PACKAGE_DIR, TOKENIZER_DIR, load_model, load_tokenizer, read_checkpoint
+from model.LMConfig import LMConfig, add_model_args, model_flags
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 AUTO_MAP = {"AutoConfig": "LMConfig.LMConfig", "AutoModelForCausalLM": "model.MiniMindForCausalLM"}
@@ -345,11 +345,12 @@ def main(argv=None) -> int:
     add_model_args(parser)
     args = parser.parse_args(argv)
 
-    config = config_from_args(args)
     try:
+        ckpt = read_checkpoint(args.ckpt, model_flags(args))  # the shape comes from the file
+        config = ckpt.config
         if args.format == "llama":
-            llama_config(config, DTYPES[args.dtype])  # refuse MoE before loading anything
-        model = load_model(args.ckpt, config, device="cpu", dtype=torch.float32)
+            llama_config(config, DTYPES[args.dtype])  # refuse MoE before building anything
+        model = load_model(ckpt, device="cpu", dtype=torch.float32)
         out = export(model, Path(args.out_dir), args.format, DTYPES[args.dtype], Path(args.tokenizer_dir),
                      force=args.force, verify=not args.no_verify, ckpt=args.ckpt)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:

@@ -1,12 +1,11 @@
 """Chat with a MiniMind checkpoint in the browser (streamlit).
 
     streamlit run fast_inference.py
-    streamlit run fast_inference.py -- --ckpt out/full_sft_512_moe.pth --use_moe
-    streamlit run fast_inference.py -- --preset minimind-v1 --ckpt out/full_sft_768.pth
+    streamlit run fast_inference.py -- --ckpt out/full_sft_512_moe.pth
     streamlit run fast_inference.py --server.address 127.0.0.1 --server.port 8501 -- --device cpu
 
-Flags after `--` are the usual model-shape flags (--preset --dim --n_layers ...; they must match the checkpoint)
-plus --ckpt (the checkpoint selected at start), --tokenizer_dir and --device. The sidebar lists every out/*.pth and
+Flags after `--`: --ckpt (the checkpoint selected at start; default the newest out/full_sft_<dim>.pth),
+--tokenizer_dir and --device. A checkpoint's shape is read from the file; model flags (--dim ...) only have to agree. The sidebar lists every out/*.pth and
 takes any other path; it also holds the sampling settings, the system prompt and a button that clears the chat.
 The model is loaded once per (checkpoint, shape, device) and shared by every browser tab, on the GPU when there is one.
 Each turn sends the whole conversation through the chat template; the oldest turns are dropped when it no longer fits.
@@ -18,19 +17,26 @@ from pathlib import Path
 
 import streamlit as st
 
-from model.checkpoint import OUT_DIR, ROOT_DIR, default_device, load_model, load_tokenizer, resolve_dtype
+from model.checkpoint import (
+    OUT_DIR,
+    ROOT_DIR,
+    CheckpointError,
+    default_device,
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from model.generate import SamplingParams
-from model.LMConfig import add_model_args, config_from_args
+from model.LMConfig import add_model_args, model_flags
 from model.serving import ChatEngine
-
-SHAPE_FLAGS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "use_moe", "rope_scaling_factor")
 
 st.set_page_config(page_title="MiniMind", page_icon="🤖")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(prog="streamlit run fast_inference.py --")
-    parser.add_argument("--ckpt", default=None, help="checkpoint selected at start (default out/full_sft_{dim}.pth)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint selected at start (default: the newest out/full_sft_<dim>.pth)")
     parser.add_argument("--tokenizer_dir", default=None)
     parser.add_argument("--device", default=None, help="cuda / mps / cpu (default: best available)")
     add_model_args(parser)
@@ -38,11 +44,11 @@ def parse_args():
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def load_engine(ckpt: str, modified: float, shape: tuple, tokenizer_dir: str | None, device: str) -> ChatEngine:
+def load_engine(ckpt: str, modified: float, flags: tuple, tokenizer_dir: str | None, device: str) -> ChatEngine:
     """Cached on its arguments: `modified` (the file's mtime) makes a re-trained checkpoint load again."""
-    config = config_from_args(argparse.Namespace(**dict(shape)))
     dtype = resolve_dtype(None, device, fp16_fallback=False)
-    return ChatEngine(load_model(ckpt, config, device=device, dtype=dtype), load_tokenizer(tokenizer_dir))
+    model = load_model(ckpt, device=device, dtype=dtype, flags=dict(flags))  # the shape comes from the file
+    return ChatEngine(model, load_tokenizer(tokenizer_dir))
 
 
 def show_name(path: Path) -> str:
@@ -55,21 +61,21 @@ def show_name(path: Path) -> str:
 try:
     args, unknown = parse_args()
 except SystemExit:  # argparse already printed why to the terminal
-    st.error("Bad command-line flags (see the terminal). Usage: `streamlit run fast_inference.py -- --ckpt PATH "
-             "[--dim ... --n_layers ... --use_moe]`")
+    st.error("Bad command-line flags (see the terminal). Usage: `streamlit run fast_inference.py -- --ckpt PATH`")
     st.stop()
-config = config_from_args(args)
+flags = model_flags(args)
 device = args.device or default_device()
 
 # --- Sidebar: which model, how to sample ---------------------------------------------------------------------------
 st.sidebar.title("MiniMind")
-default_ckpt = Path(args.ckpt) if args.ckpt else OUT_DIR / f"full_sft_{config.file_suffix}.pth"
+try:
+    default_ckpt = Path(args.ckpt) if args.ckpt else find_checkpoint(OUT_DIR, "full_sft", flags)
+except CheckpointError:  # nothing trained yet: the page says so below
+    default_ckpt = OUT_DIR / "full_sft_512.pth"
 choices = sorted({default_ckpt, *OUT_DIR.glob("*.pth")}, key=lambda p: (p != default_ckpt, str(p)))
 chosen = st.sidebar.selectbox("Checkpoint", choices, format_func=show_name)
 typed = st.sidebar.text_input("…or another checkpoint path", "").strip()
 ckpt = Path(typed).expanduser() if typed else chosen
-st.sidebar.caption(f"shape: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads"
-                   f"{', MoE' if config.use_moe else ''} · {device} — set with flags after `--`")
 if unknown:
     st.sidebar.warning(f"ignored command-line arguments: {' '.join(unknown)}")
 
@@ -84,11 +90,13 @@ if not ckpt.is_file():
             "the sidebar, or start the page with `streamlit run fast_inference.py -- --ckpt PATH`.")
     st.stop()
 try:
-    engine = load_engine(str(ckpt), ckpt.stat().st_mtime, tuple((f, getattr(args, f)) for f in SHAPE_FLAGS),
-                         args.tokenizer_dir, device)
+    engine = load_engine(str(ckpt), ckpt.stat().st_mtime, tuple(sorted(flags.items())), args.tokenizer_dir, device)
 except (FileNotFoundError, RuntimeError, ValueError, OSError) as err:
     st.error(f"Could not load `{show_name(ckpt)}`:\n\n{err}")
     st.stop()
+config = engine.model.config
+st.sidebar.caption(f"shape (from the file): dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads"
+                   f"{', MoE' if config.use_moe else ''} · {device}")
 
 temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 1.5, 0.7, 0.05)
 top_p = st.sidebar.slider("Top-p", 0.05, 1.0, 0.9, 0.05)

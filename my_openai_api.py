@@ -38,9 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.checkpoint import OUT_DIR, default_device, load_model, load_tokenizer, resolve_dtype
+from model.checkpoint import OUT_DIR, default_device, find_checkpoint, load_model, load_tokenizer, resolve_dtype
+from model.errors import UsageError, exit_on_usage_error
 from model.generate import SamplingParams
-from model.LMConfig import add_model_args, config_from_args
+from model.LMConfig import add_model_args, model_flags
 from model.serving import ChatEngine
 
 log = logging.getLogger("minimind.api")
@@ -383,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
-                        help="checkpoint to serve (default out/full_sft_{dim}[_moe].pth)")
+                        help="checkpoint to serve (default: the newest out/full_sft_<dim>.pth)")
     parser.add_argument("--tokenizer_dir", type=str, default=None, help="default: model/minimind_tokenizer")
     parser.add_argument("--model_name", type=str, default=None, help="the id /v1/models reports (default: file stem)")
     parser.add_argument("--host", type=str, default="127.0.0.1",
@@ -412,19 +413,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@exit_on_usage_error
 def main():
     args = parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
-    ckpt = Path(args.ckpt) if args.ckpt else OUT_DIR / f"full_sft_{config.file_suffix}.pth"
+    ckpt = Path(args.ckpt) if args.ckpt else find_checkpoint(OUT_DIR, "full_sft", model_flags(args))
     args.model_name = args.model_name or ckpt.stem
     device = args.device or default_device()
     dtype = resolve_dtype(args.dtype, device, fp16_fallback=False)
+    model = load_model(ckpt, device=device, dtype=dtype, flags=model_flags(args))  # the shape comes from the file
+    config = model.config
     try:
-        model = load_model(ckpt, config, device=device, dtype=dtype)
         tokenizer = load_tokenizer(args.tokenizer_dir)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
     engine = ChatEngine(model, tokenizer)
     log.info("serving %s (%s, %.1fM params, context %d) on %s", ckpt, config.file_suffix,
              model.num_parameters_unique() / 1e6, engine.context_length, device)

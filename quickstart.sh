@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start (README command 2): tokenize the bundled sample, pretrain a tiny model on CPU for a bounded number
-# of steps (a few minutes), then continue a prompt with it. Leaves out/pretrain_128.pth.
+# of steps (a few minutes), then continue a prompt with it. Leaves out/pretrain_128.pth (+ its .json config).
 #
 #   bash quickstart.sh
 #   QUICKSTART_STEPS=50 bash quickstart.sh          # shorter (the test suite runs it this way)
@@ -24,5 +24,6 @@ $PYTHON 1-pretrain.py $MODEL --data_path "$OUT_DIR/pretrain_sample.bin" --out_di
     --images_dir "${QUICKSTART_IMAGES_DIR:-images}"
 
 echo "== 3/3 continue a prompt"
-$PYTHON 0-eval_pretrain.py $MODEL --ckpt "$OUT_DIR/pretrain_128.pth" --device cpu --prompt "长江是" \
+# No model flags: the shape is read from out/pretrain_128.json, written beside the weights.
+$PYTHON 0-eval_pretrain.py --ckpt "$OUT_DIR/pretrain_128.pth" --device cpu --prompt "长江是" \
     --prompt "植物通过" --max_new_tokens 40 --temperature 0

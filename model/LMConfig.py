@@ -111,7 +111,8 @@ PRESETS: dict[str, dict] = {
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the model-shape flags every script shares. Explicit flags override the preset's values."""
-    g = parser.add_argument_group("model")
+    g = parser.add_argument_group("model", "the shape of a new model; a script that loads a checkpoint reads the "
+                                  "shape from the file, and these flags then only have to agree with it")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a published MiniMind v1 shape")
     g.add_argument("--dim", type=int, default=None, help="model width (default 512)")
     g.add_argument("--n_layers", type=int, default=None, help="number of decoder layers (default 8)")
@@ -127,12 +128,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 _ARG_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "use_moe", "rope_scaling_factor")
 
 
-def config_from_args(args: argparse.Namespace, **overrides) -> LMConfig:
-    """Build an LMConfig from `add_model_args` flags: preset first, then any explicit flag, then `overrides`."""
+def model_flags(args: argparse.Namespace) -> dict:
+    """The model fields the user asked for on the command line: the preset's, then any explicit flag. Loaders
+    apply these on top of a checkpoint's own config (and refuse ones that contradict its shape)."""
     fields = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
     for name in _ARG_FIELDS:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
-    fields.update(overrides)
-    return LMConfig(**fields)
+    return fields
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> LMConfig:
+    """Build an LMConfig from `add_model_args` flags (v1's defaults for the rest), then `overrides`: for a model
+    that starts from scratch. A model loaded from a file gets its shape from the file (`checkpoint.read_checkpoint`)."""
+    return LMConfig(**{**model_flags(args), **overrides})

@@ -12,10 +12,12 @@ The header is written last, after every array is on disk, and the file is rename
 reader also checks every array lies inside the file. So a killed or truncated run never yields a file that
 training accepts.
 
-- pretrain: `tokens` (uint16: each document as <s> ... </s>, back to back) and `doc_offsets` (uint64, n_docs + 1).
+- pretrain: `tokens` (each document as <s> ... </s>, back to back) and `doc_offsets` (uint64, n_docs + 1).
 - sft: `tokens`, `answer_mask` (uint8, 1 on assistant-answer tokens), `sample_offsets` (uint64, n + 1), and the
   turn boundaries used to re-truncate: `turn_bounds` (uint32, per sample [system_end, pair_1_end, ...], relative to
   the sample start) with `turn_offsets` (uint64, n + 1) into it.
+
+`tokens` is uint16 when the vocabulary fits, else uint32 (`token_dtype`); readers take the dtype from the header.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .errors import UsageError
+
 MAGIC = b"MINIMIND"
 FORMAT_VERSION = 1
 HEADER_RESERVED = 1 << 16  # room for the JSON header in front of the first array
@@ -40,8 +44,19 @@ ALIGN = 64
 IGNORE_INDEX = -100
 
 
+class DataFileError(UsageError):
+    """A data file that is missing, of the wrong kind, truncated or corrupt; the message says how to rebuild it."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the token file format
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The dtype of a token file's `tokens` for ids 0..vocab_size-1: uint16 halves the file when it is enough."""
+    if not 0 < vocab_size <= 1 << 32:
+        raise ValueError(f"vocab_size {vocab_size} is outside 1..{1 << 32}, which a token file can hold")
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,7 +119,15 @@ class TokenFileWriter:
         self.done = False
 
     def append(self, name: str, values) -> None:
-        arr = np.asarray(values, dtype=self.dtypes[name])
+        dtype = self.dtypes[name]
+        arr = np.asarray(values)
+        if arr.size and arr.dtype.kind in "iu" and dtype.kind in "iu":  # numpy's cast would wrap silently
+            lo, hi, low, high = np.iinfo(dtype).min, np.iinfo(dtype).max, arr.min(), arr.max()
+            if low < lo or high > hi:
+                bad = high if high > hi else low
+                raise ValueError(f"{self.path}: {name} value {bad} does not fit {dtype} ({lo}..{hi}); "
+                                 f"the file was declared with too small a dtype")
+        arr = arr.astype(dtype, copy=False)
         self.files[name].write(arr.tobytes())
         self.lengths[name] += arr.size
 
@@ -161,22 +184,27 @@ def read_token_file_header(path: str | os.PathLike, kind: str | None = None) -> 
     """The header of a token file, after checking magic, version, kind and that every array fits in the file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; make it with `python data_process.py {kind or 'pretrain'} ...`")
+        raise DataFileError(f"{path} not found; make it with `python data_process.py {kind or 'pretrain'} ...`")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
         if len(head) < 16 or head[:8] != MAGIC:
-            raise ValueError(f"{path} is not a MiniMind token file (bad magic); make it with data_process.py")
-        header = json.loads(f.read(int.from_bytes(head[8:16], "little")))
+            raise DataFileError(f"{path} is not a MiniMind token file (bad magic); make it with data_process.py")
+        try:
+            header = json.loads(f.read(int.from_bytes(head[8:16], "little")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), dict):
+        raise DataFileError(f"{path} has a corrupt header; re-run data_process.py to rebuild it")
     if header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: token file version {header.get('version')}, expected {FORMAT_VERSION}")
+        raise DataFileError(f"{path}: token file version {header.get('version')}, expected {FORMAT_VERSION}")
     if kind is not None and header.get("kind") != kind:
-        raise ValueError(f"{path} holds {header.get('kind')!r} data, expected {kind!r} "
+        raise DataFileError(f"{path} holds {header.get('kind')!r} data, expected {kind!r} "
                          f"(make it with `python data_process.py {kind} ...`)")
     for name, a in header["arrays"].items():
         end = a["offset"] + a["length"] * np.dtype(a["dtype"]).itemsize
         if end > size:
-            raise ValueError(f"{path} is truncated: array {name!r} ends at byte {end}, file has {size}")
+            raise DataFileError(f"{path} is truncated: array {name!r} ends at byte {end}, file has {size}")
     return header
 
 
@@ -239,7 +267,7 @@ class PretrainDataset(Dataset):
         self.n_docs = max(arrays["doc_offsets"]["length"] - 1, 0)
         self.n_windows = max((self.n_tokens - 1) // seq_len, 0)
         if self.n_windows == 0:
-            raise ValueError(f"{path} has {self.n_tokens} tokens: not enough for one window of {seq_len + 1}")
+            raise DataFileError(f"{path} has {self.n_tokens} tokens: not enough for one window of {seq_len + 1}")
 
     def __len__(self) -> int:
         return self.n_windows
@@ -480,8 +508,8 @@ class SFTDataset(Dataset):
         self.indices = np.nonzero(keep)[0]
         self.skipped = int(len(lengths) - len(self.indices))
         if len(self.indices) == 0:
-            raise ValueError(f"{path}: none of its {len(lengths)} samples has an answer token within "
-                             f"max_seq_len={max_seq_len}")
+            raise DataFileError(f"{path}: none of its {len(lengths)} samples has an answer token within "
+                                f"max_seq_len={max_seq_len}")
         self.file._arrays = None  # reopen lazily in each DataLoader worker
 
     def _sample(self, i: int):
@@ -516,7 +544,7 @@ def load_dpo_records(path: str | os.PathLike) -> list[dict]:
     a file with none usable raises ValueError."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; make it with `python data_process.py dpo ...`")
+        raise DataFileError(f"{path} not found; make it with `python data_process.py dpo ...`")
     records, bad = [], []
     for lineno, rec, _ in iter_json_lines(path):
         if not (rec is not None and all(isinstance(rec.get(k), str) and rec[k] for k in ("prompt", "chosen", "rejected"))):
@@ -526,5 +554,5 @@ def load_dpo_records(path: str | os.PathLike) -> list[dict]:
     if bad:
         print(f"{path}: skipped {len(bad)} malformed line(s), first: {bad[:10]}", file=sys.stderr)
     if not records:
-        raise ValueError(f"{path} has no usable DPO records (need string 'prompt', 'chosen', 'rejected')")
+        raise DataFileError(f"{path} has no usable DPO records (need string 'prompt', 'chosen', 'rejected')")
     return records

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
 from .checkpoint import clean_state_dict
+from .errors import UsageError
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 FORBIDDEN_TARGETS = ("tok_embeddings", "output")
@@ -54,8 +55,13 @@ def save_adapter(peft_model, path: str | os.PathLike) -> None:
 def apply_adapter(model, adapter_dir: str | os.PathLike, merge: bool = True):
     """Load a saved adapter onto `model`; merged into the weights (a plain model again) unless merge=False."""
     if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
-        raise FileNotFoundError(f"no peft adapter in {adapter_dir} (expected adapter_config.json from 4-lora_sft.py)")
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        raise UsageError(f"no peft adapter in {adapter_dir} (expected adapter_config.json from 4-lora_sft.py)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as err:  # peft raises many kinds (JSON, safetensors, size mismatch); all mean "bad folder"
+        why = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{adapter_dir}: the LoRA adapter does not load onto this model ({why}); pass the adapter "
+                         f"trained on this checkpoint, or re-run 4-lora_sft.py") from None
     return peft_model.merge_and_unload() if merge else peft_model
 
 

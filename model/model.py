@@ -259,6 +259,10 @@ class MiniMindCausalLMOutput(CausalLMOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
 
 
+# transformers 5.x renamed the output's `past_key_values` to `cache` (the old name warns).
+_CACHE_FIELD = "cache" if "cache" in MiniMindCausalLMOutput.__dataclass_fields__ else "past_key_values"
+
+
 class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = LMConfig
     base_model_prefix = "minimind"
@@ -375,8 +379,10 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                 loss = loss / num_items_in_batch
             if aux_total is not None and self.training:
                 loss = loss + aux_total
-        return MiniMindCausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
-                                      aux_loss=aux_total)
+        out = MiniMindCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_total)
+        if use_cache:  # under the field name this transformers declares, so no deprecation shim runs
+            out[_CACHE_FIELD] = cache
+        return out
 
     def num_parameters_unique(self) -> int:
         """Parameter count with the tied embedding counted once (the figure MiniMind v1 reports)."""

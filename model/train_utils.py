@@ -26,11 +26,25 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .checkpoint import DTYPES, OUT_DIR, ROOT_DIR, atomic_save, clean_state_dict, default_device, default_dtype_name
+from .checkpoint import (
+    DTYPES,
+    OUT_DIR,
+    ROOT_DIR,
+    CheckpointError,
+    atomic_save,
+    clean_state_dict,
+    default_device,
+    default_dtype_name,
+    save_weights,
+    torch_load_checked,
+)
 from .dataset import ShardedSampler
+from .errors import UsageError
 
 IMAGES_DIR = ROOT_DIR / "images"
 DEFAULT_DS_CONFIG = ROOT_DIR / "ds_config_zero2.json"
+LOG_LINES_PER_RUN = 30  # the default --log_interval aims at about this many log lines per run ...
+LOG_EVERY_S = 30.0  # ... and a progress line is printed at least this often, so a slow run never looks hung
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,7 +73,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     g.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb_project", type=str, default="MiniMind")
     g.add_argument("--save_interval", type=int, default=1000, help="save weights and resume state every N steps")
-    g.add_argument("--log_interval", type=int, default=100, help="log every N steps")
+    g.add_argument("--log_interval", type=int, default=None,
+                   help=f"log every N steps (default: about {LOG_LINES_PER_RUN} lines per run); a progress line is "
+                        f"also printed whenever {LOG_EVERY_S:.0f} s pass without one")
     g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     g.add_argument("--resume", action="store_true", help="continue exactly from out_dir's resume file")
     g.add_argument("--seed", type=int, default=1337)
@@ -246,28 +262,154 @@ def make_logger(args, run_name: str, config: dict, resume_id: str | None = None)
     return _NoLogger()
 
 
+def auto_log_interval(total_steps: int, lines: int = LOG_LINES_PER_RUN) -> int:
+    """Steps between log lines for a run of `total_steps` when --log_interval is not given: about `lines` lines.
+
+    Rounded rather than floored, so a run of 20 or more steps gets 20 to 45 lines, not up to 59; shorter runs log
+    every step. Shared with 5-dpo_train.py, whose trl Trainer takes it as logging_steps.
+    """
+    return max(1, int(total_steps / lines + 0.5))
+
+
+def resolve_log_interval(args, total_steps: int) -> int:
+    """--log_interval when given (N > 0 means every N steps, as always), else `auto_log_interval`."""
+    return args.log_interval if args.log_interval and args.log_interval > 0 else auto_log_interval(total_steps)
+
+
+class StepLogger:
+    """The training loop's log: a line every `interval` optimizer steps and at the last step, and a progress line
+    whenever `every_s` seconds pass without any line (so a slow run is never silent for long).
+
+    Only the interval lines close a loss window and go into `history` (and wandb). The progress lines are printed
+    and nothing else: the history then depends on the step count alone, so a run killed and resumed records exactly
+    the same history as one that never stopped, however long its steps took.
+    """
+
+    def __init__(self, rt: Runtime, model, total_steps: int, interval: int, start_step: int, history: list,
+                 logger, every_s: float = LOG_EVERY_S, clock=time.time):
+        self.rt, self.total_steps, self.interval, self.start_step = rt, total_steps, interval, start_step
+        self.history, self.logger, self.every_s, self.clock = history, logger, every_s, clock
+        self.flops_fn = getattr(unwrap(model), "flops_per_token", None)
+        self.peak = peak_flops(rt.device)
+        self.loss_sum = torch.zeros((), device=rt.device)  # on the device: no host sync per micro-batch
+        self.window_steps = self.tokens = 0
+        self.t_start = self.t_line = clock()
+
+    def micro_batch(self, loss: torch.Tensor, tokens: int):
+        """One micro-batch: its detached loss, already divided by the accumulation steps, and its tokens (all ranks)."""
+        self.loss_sum += loss
+        self.tokens += tokens
+
+    def step_done(self, step: int, epoch: int, lr: float, seq_len: int):
+        self.window_steps += 1
+        if step % self.interval == 0 or step == self.total_steps:
+            loss = self.loss_sum / self.window_steps
+            if self.rt.ddp:  # average over ranks (SUM then divide: gloo has no AVG)
+                dist.all_reduce(loss)
+                loss = loss / self.rt.world_size
+            record = self._print(step, epoch, lr, loss.item(), seq_len)
+            self.history.append({"step": step, "loss": record["loss"], "lr": lr})
+            self.logger.log(record, step=step)
+            self.loss_sum.zero_()
+            self.window_steps = 0
+        elif self.rt.is_master and self.clock() - self.t_line >= self.every_s:
+            # Rank 0's own loss: an all_reduce here would hang, as the ranks' clocks never agree on when to call it.
+            self._print(step, epoch, lr, (self.loss_sum / self.window_steps).item(), seq_len,
+                        note=" (rank 0)" if self.rt.ddp else "")
+
+    def _print(self, step: int, epoch: int, lr: float, loss: float, seq_len: int, note: str = "") -> dict:
+        now = self.clock()
+        tok_s = self.tokens / max(now - self.t_line, 1e-9)
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s}
+        msg = f"step {step}/{self.total_steps} (epoch {epoch + 1}) | loss {loss:.4f}{note} | lr {lr:.2e} | " \
+              f"{tok_s:,.0f} tok/s"
+        if self.flops_fn is not None and self.peak is not None:
+            record["mfu"] = self.flops_fn(seq_len) * tok_s / (self.peak * self.rt.world_size)
+            msg += f" | MFU {100 * record['mfu']:.1f}%"
+        eta = (now - self.t_start) / (step - self.start_step) * (self.total_steps - step)
+        print0(msg + f" | ETA {eta / 60:.1f} min")
+        self.tokens, self.t_line = 0, now
+        return record
+
+
+def print_outputs(paths: dict) -> None:
+    """The closing block of a run's log: each file or folder it wrote, one per line ({what: path}; None is left out,
+    for something this run did not write)."""
+    written = {name: path for name, path in paths.items() if path is not None}
+    if written:
+        width = max(map(len, written))
+        print0("wrote:\n" + "\n".join(f"  {name:<{width}}  {path}" for name, path in written.items()))
+
+
+LOSS_COLOUR, LR_COLOUR = "tab:blue", "tab:orange"
+MARKERS_UP_TO = 20  # points per curve: beyond this, markers would blur the line rather than show the samples
+LOSS_BAND, LR_BAND = (0.42, 0.95), (0.04, 0.32)  # fractions of the plot's height each curve is scaled to fill
+FULL_BAND = (0.05, 0.95)  # the loss alone, when the history has no LR
+
+
+def _fit_band(ax, values: list[float], band: tuple[float, float], floor: float | None = None):
+    """Scale the y axis so `values` (from `floor` when given) fill `band` of its height, ticks only inside it.
+
+    The loss and the LR live on two y axes; scaled each to its own band they cannot cross, however alike their shapes
+    (a DPO loss falling under a cosine LR would otherwise be drawn as one line).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return
+    lo, hi = (min(finite) if floor is None else floor), max(finite)
+    if hi == lo:  # one point, or a flat curve: give it a band of its own size around it
+        pad = abs(hi) * 0.1 or 1.0
+        lo, hi = (lo - pad, hi + pad) if floor is None else (floor, hi + pad)
+    bottom, top = band
+    per_unit = (hi - lo) / (top - bottom)
+    ax.set_ylim(lo - bottom * per_unit, lo + (1 - bottom) * per_unit)
+    slack = 0.05 * (hi - lo)
+    ax.set_yticks([t for t in MaxNLocator(nbins=5).tick_values(lo, hi) if lo - slack <= t <= hi + slack])
+    ax.yaxis.label.set_y((bottom + top) / 2)  # the axis label beside its own band, not the middle of the plot
+
+
 def save_loss_plot(history: list[dict], path: str | os.PathLike, title: str = "training loss") -> Path | None:
-    """Write the loss curve (step vs loss, and the LR on a second axis) as a PNG."""
+    """Write the loss curve as a PNG: loss against step (left axis, upper band) and, when the history has it, the
+    learning rate on its own right-hand axis (lower band, from 0), one legend for both. None when nothing to plot."""
     if not history:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss")
+    steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
+    style = {"marker": "o", "markersize": 4} if len(history) <= MARKERS_UP_TO else {}
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    lines = ax.plot(steps, losses, color=LOSS_COLOUR, label=f"loss (last {losses[-1]:.4f})", **style)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
+    ax.set_ylabel("loss", color=LOSS_COLOUR)
+    ax.tick_params(axis="y", colors=LOSS_COLOUR)
+    # Steps are whole numbers (even in a 3-step run), at round intervals.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    if len(set(steps)) == 1:  # a single step: centre it instead of matplotlib's +-5% of the step number
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
     ax.grid(alpha=0.3)
-    if all("lr" in h for h in history):
+    has_lr = all("lr" in h for h in history)
+    _fit_band(ax, losses, LOSS_BAND if has_lr else FULL_BAND)
+    if has_lr:
         ax2 = ax.twinx()
-        ax2.plot(steps, [h["lr"] for h in history], color="tab:orange", alpha=0.6, label="lr")
-        ax2.set_ylabel("learning rate")
+        lrs = [h["lr"] for h in history]
+        lines += ax2.plot(steps, lrs, color=LR_COLOUR, label=f"learning rate (last {lrs[-1]:.2e})", **style)
+        ax2.set_ylabel("learning rate", color=LR_COLOUR)
+        ax2.tick_params(axis="y", colors=LR_COLOUR)
+        # Each tick written out like the log lines' "lr 2.00e-04", instead of a "1e-6" multiplier up in the corner.
+        ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: "0" if v == 0 else f"{v:.1e}"))
+        _fit_band(ax2, lrs, LR_BAND, floor=0.0)  # from 0, so the schedule's shape reads true to scale
+    # Title left and legend right, both above the plot, so neither ever covers a curve.
+    ax.set_title(title, loc="left")
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2,
+              frameon=False, fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
@@ -338,7 +480,10 @@ class CheckpointManager:
         if not self.is_master:
             return
         weights = {k: v.detach().to("cpu") for k, v in self.weights(model).items()}
-        atomic_save(weights, self.weights_path)
+        if "tok_embeddings.weight" in weights:  # a whole model: its config JSON goes beside it
+            save_weights(weights, self.weights_path, config)
+        else:  # an adapter alone (LoRA without --merge) is not a model, so it gets no model config
+            atomic_save(weights, self.weights_path)
         state = {
             "model": clean_state_dict(unwrap(model).state_dict()),
             "optimizer": optimizer.state_dict() if deepspeed_engine is None else None,
@@ -354,9 +499,13 @@ class CheckpointManager:
 
     def load(self) -> dict:
         if not self.resume_path.exists():
-            raise FileNotFoundError(f"--resume: no resume file at {self.resume_path}; run without --resume to start "
+            raise CheckpointError(f"--resume: no resume file at {self.resume_path}; run without --resume to start "
                                     f"a new run (or pass the --out_dir that holds it)")
-        return torch.load(self.resume_path, map_location="cpu", weights_only=True)
+        state = torch_load_checked(self.resume_path)
+        if not isinstance(state, dict) or "step" not in state or "model" not in state:
+            raise CheckpointError(f"--resume: {self.resume_path} is not a resume file written by this project; "
+                                  f"delete it and run without --resume")
+        return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,13 +538,16 @@ def _deepspeed_engine(args, rt: Runtime, model, optimizer):
 
 
 def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str, collate_fn=None,
-          save_state_dict_fn=None, run_name: str | None = None, step_callback=None) -> list[dict]:
+          save_state_dict_fn=None, run_name: str | None = None, step_callback=None,
+          outputs: dict | None = None) -> list[dict]:
     """Train `model` on `dataset` (items are dicts passed as model(**batch); the loss is out.loss).
 
     Saves out_dir/{weights_name}.pth (+ .resume.pt) every --save_interval steps and at the end, writes the loss
-    PNG to --images_dir, and returns the logged history [{"step", "loss", "lr"}, ...].
+    PNG to --images_dir, ends the log with the list of paths written, and returns the logged history
+    [{"step", "loss", "lr"}, ...].
     `save_state_dict_fn(model) -> dict` replaces the saved weights (e.g. LoRA merged into the base).
     `step_callback(step, history)` runs after each optimizer step (tests use it to simulate a crash).
+    `outputs` ({what: path}) adds what the caller's own save_state_dict_fn writes to that closing list.
     """
     run_name = run_name or weights_name
     model.to(rt.device)
@@ -404,7 +556,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     batches_per_step = args.accumulation_steps
     steps_per_epoch = sampler.per_rank // (args.batch_size * batches_per_step)
     if steps_per_epoch == 0:
-        raise ValueError(f"dataset too small: {len(dataset)} samples over {rt.world_size} rank(s) cannot fill one "
+        raise UsageError(f"dataset too small: {len(dataset)} samples over {rt.world_size} rank(s) cannot fill one "
                          f"step of batch_size {args.batch_size} x accumulation_steps {args.accumulation_steps}")
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     min_lr = args.learning_rate * args.min_lr_ratio
@@ -419,7 +571,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
         saved_cfg, cfg = state.get("config") or {}, json.loads(json.dumps(_model_config(model), default=str))
         for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "use_moe"):
             if key in saved_cfg and key in cfg and saved_cfg[key] != cfg[key]:
-                raise ValueError(f"--resume: {ckpt.resume_path} was trained with {key}={saved_cfg[key]}, "
+                raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with {key}={saved_cfg[key]}, "
                                  f"this run has {key}={cfg[key]}")
         unwrap(model).load_state_dict(state["model"], strict=save_state_dict_fn is None)
         if state["optimizer"] is not None:
@@ -450,12 +602,11 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     print0(f"{run_name}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable), {len(dataset):,} samples, "
            f"{steps_per_epoch:,} steps/epoch, {total_steps:,} steps, world size {rt.world_size}, "
            f"device {rt.device}, dtype {args.dtype}{', deepspeed' if engine else ''}")
+    interval = resolve_log_interval(args, total_steps)
+    print0(f"logging every {interval:,} steps (and at least every {LOG_EVERY_S:.0f} s)")
+    log = StepLogger(rt, model, total_steps, interval, start_step, history, logger)
 
-    flops_fn = getattr(unwrap(model), "flops_per_token", None)
-    peak = peak_flops(rt.device)
     step = start_step
-    loss_sum = torch.zeros((), device=rt.device)
-    tokens_since, t_log, t_start, steps_timed = 0, time.time(), time.time(), 0
     train_model.train()
     data_iter, data_epoch = None, None
     while step < total_steps:
@@ -474,12 +625,12 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
 
         for micro in range(batches_per_step):
             batch = _to_device(next(data_iter), rt.device)
-            tokens_since += batch["input_ids"].numel() * rt.world_size
+            tokens = batch["input_ids"].numel() * rt.world_size
             if engine is not None:
                 loss = engine(**batch).loss
                 engine.backward(loss)  # deepspeed averages over accumulation steps itself
                 engine.step()
-                loss_sum += loss.detach() / batches_per_step
+                log.micro_batch(loss.detach() / batches_per_step, tokens)
                 continue
             last = micro == batches_per_step - 1
             # Skip the gradient all-reduce on all but the last micro-batch: it is wasted work.
@@ -487,7 +638,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
             with sync, rt.autocast():
                 loss = train_model(**batch).loss / batches_per_step
             scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+            log.micro_batch(loss.detach(), tokens)
 
         if engine is None:
             if args.grad_clip > 0:
@@ -497,30 +648,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        steps_timed += 1
-
-        if step % args.log_interval == 0 or step == total_steps:
-            loss_value = loss_sum / steps_timed
-            if rt.ddp:  # average over ranks (SUM then divide: gloo has no AVG)
-                dist.all_reduce(loss_value)
-                loss_value = loss_value / rt.world_size
-            loss_value = loss_value.item()
-            dt = time.time() - t_log
-            tok_s = tokens_since / max(dt, 1e-9)
-            record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s}
-            msg = f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {loss_value:.4f} | lr {lr:.2e} | " \
-                  f"{tok_s:,.0f} tok/s"
-            if flops_fn is not None and peak is not None:
-                seq_len = batch["input_ids"].shape[1]
-                record["mfu"] = flops_fn(seq_len) * tok_s / (peak * rt.world_size)
-                msg += f" | MFU {100 * record['mfu']:.1f}%"
-            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-            msg += f" | ETA {eta / 60:.1f} min"
-            print0(msg)
-            history.append({"step": step, "loss": loss_value, "lr": lr})
-            logger.log(record, step=step)
-            loss_sum.zero_()
-            tokens_since, t_log, steps_timed = 0, time.time(), 0
+        log.step_done(step, epoch, lr, batch["input_ids"].shape[1])
 
         if step % args.save_interval == 0 or step == total_steps:
             epoch_after, pos_after = divmod(step, steps_per_epoch)
@@ -530,7 +658,9 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
             step_callback(step, history)
 
     if rt.is_master:
-        save_loss_plot(history, Path(args.images_dir) / f"{weights_name}_loss.png", title=run_name)
-        print0(f"saved {ckpt.weights_path} (resume state: {ckpt.resume_path.name})")
+        plot = save_loss_plot(history, Path(args.images_dir) / f"{weights_name}_loss.png", title=run_name)
+        print_outputs({"weights": ckpt.weights_path, "resume state": ckpt.resume_path,
+                       "deepspeed state": ckpt.out_dir / f"{weights_name}_deepspeed" if engine else None,
+                       **(outputs or {}), "loss plot": plot})
     logger.finish()
     return history

@@ -82,5 +82,6 @@ def test_batch_file_and_missing_checkpoint(tmp_path, tok, capsys):
     chat_cli.main(["--ckpt", str(tmp_path / "chat.pth"), "--batch_file", str(tmp_path / "q.txt"), *flags])
     out = capsys.readouterr().out
     assert out.count("user> ") == 2 and "user> 一加一等于几？\nassistant> " in out  # the blank line is skipped
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(SystemExit) as exit_info:
         chat_cli.main(["--ckpt", str(tmp_path / "nope.pth"), "--prompt", "hi", *flags])
+    assert exit_info.value.code == 2 and "checkpoint not found" in capsys.readouterr().err

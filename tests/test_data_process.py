@@ -1,7 +1,9 @@
-"""data_process.py: bad input handling, gz/csv input, the worker pool, dedup, and the sft/dpo stages."""
+"""data_process.py: bad input handling, gz/csv input, the worker pool, dedup, the sft/dpo stages, and token ids
+past uint16."""
 
 import csv
 import gzip
+import json
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ from pipeline_helpers import ROOT, tokenizer_dir, write_jsonl
 
 import data_process
 from model.checkpoint import load_tokenizer
-from model.dataset import SFTDataset, load_dpo_records, open_token_file
+from model.dataset import PretrainDataset, SFTDataset, load_dpo_records, open_token_file
 
 GOOD = [{"text": "长江是中国最长的河流。"}, {"text": "植物通过光合作用制造养分。" * 40}, {"text": "三角形内角和是一百八十度。"}]
 BAD = [b'{"text": "no closing brace"', b'{"title": "no text field"}', b'{"text": 42}', b'["not", "an object"]',
@@ -169,3 +171,51 @@ def test_bundled_samples_process(tmp_path, tok_dir):
     assert len(docs_of(tmp_path / "pretrain.bin")[1]) >= 24
     assert len(SFTDataset(tmp_path / "sft.bin", 512)) >= 24
     assert len(load_dpo_records(tmp_path / "dpo.jsonl")) >= 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a vocabulary past uint16: ids >= 65,536 must come back exactly, not wrapped modulo 65,536
+
+BIG_VOCAB = 70_010
+
+
+@pytest.fixture(scope="module")
+def big_tok_dir(tmp_path_factory):
+    """A word-level tokenizer with BIG_VOCAB ids in which the word 'w<N>' is id N, so a test picks its ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from train_tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, "user", "assistant"])}
+    vocab |= {f"w{i}": i for i in range(len(vocab), BIG_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    out = tmp_path_factory.mktemp("big_tok")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<unk>", "chat_template": CHAT_TEMPLATE}))
+    return out
+
+
+def test_pretrain_ids_past_uint16_round_trip(tmp_path, big_tok_dir):
+    texts = ["w70000 w5 w65535", f"w65536 w{BIG_VOCAB - 1} w12"]
+    run("pretrain", write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts]), tmp_path / "p.bin", big_tok_dir)
+    header, docs = docs_of(tmp_path / "p.bin")
+    assert header["arrays"]["tokens"]["dtype"] == "uint32"
+    assert docs == [[1, 70000, 5, 65535, 2], [1, 65536, BIG_VOCAB - 1, 12, 2]]
+    item = PretrainDataset(tmp_path / "p.bin", seq_len=9)[0]
+    assert item["input_ids"].tolist() == docs[0] + docs[1][:-1]
+    assert item["targets"].tolist() == docs[0][1:] + docs[1]
+
+
+def test_sft_ids_past_uint16_round_trip(tmp_path, big_tok_dir):
+    conversation = [{"role": "user", "content": "w70001 w12"}, {"role": "assistant", "content": "w70002 w65536"}]
+    run("sft", write_jsonl(tmp_path / "s.jsonl", [{"messages": conversation}]), tmp_path / "s.bin", big_tok_dir)
+    assert open_token_file(tmp_path / "s.bin", "sft")[0]["arrays"]["tokens"]["dtype"] == "uint32"
+    # <s> user q </s> <s> assistant a </s>: the newlines in the template are whitespace to this tokenizer
+    ids = [1, 3, 70001, 12, 2, 1, 4, 70002, 65536, 2]
+    item = SFTDataset(tmp_path / "s.bin", max_seq_len=16)[0]
+    assert item["input_ids"].tolist() == ids + [0] * 6
+    assert item["labels"].tolist() == [-100] * 7 + [70002, 65536, 2] + [-100] * 6

@@ -16,6 +16,7 @@ from model.dataset import (
     encode_conversation,
     load_dpo_records,
     open_token_file,
+    token_dtype,
 )
 
 BOS, EOS = 1, 2
@@ -103,6 +104,25 @@ def test_writer_leaves_nothing_when_aborted(tmp_path):
         w.append("tokens", [1, 2, 3])
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_token_dtype_fits_every_id_of_the_vocabulary():
+    assert token_dtype(6400) == token_dtype(65536) == "uint16"  # ids 0..65535
+    assert token_dtype(65537) == token_dtype(151_936) == "uint32"
+    with pytest.raises(ValueError, match="vocab_size 0"):
+        token_dtype(0)
+
+
+@pytest.mark.parametrize("bad", [65536, 70000, -1])
+def test_writer_refuses_ids_that_do_not_fit_rather_than_wrapping(tmp_path, bad):
+    with TokenFileWriter(tmp_path / "x.bin", "pretrain", {"tokens": "uint16", "doc_offsets": "uint64"}) as w:
+        w.append("tokens", np.array([1, 65535, 2]))
+        with pytest.raises(ValueError, match=f"tokens value {bad} does not fit uint16"):
+            w.append("tokens", np.array([1, bad, 2], dtype=np.int64))
+        w.append("doc_offsets", [0, 3])
+        w.close()
+    _, arrays = open_token_file(tmp_path / "x.bin", "pretrain")
+    assert arrays["tokens"].tolist() == [1, 65535, 2]  # the refused chunk wrote nothing
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ set sys.argv to point it at a tiny checkpoint.
 """
 
 import base64
+import contextlib
 import itertools
 import json
 import shutil
@@ -61,7 +62,14 @@ def test_wrong_shape_is_a_friendly_error(monkeypatch, tiny_model_and_ckpt):
     _, ckpt = tiny_model_and_ckpt
     at = page(monkeypatch, "--ckpt", ckpt, *FLAGS, "--dim", "128")
     assert not at.exception
-    assert any("does not match" in t for t in texts(at.error))
+    assert any("dim=64" in t and "dim=128" in t and "--dim" in t for t in texts(at.error))
+
+
+def test_a_corrupt_checkpoint_is_a_friendly_error(monkeypatch, tmp_path):
+    (tmp_path / "broken.pth").write_bytes(b"")
+    at = page(monkeypatch, "--ckpt", tmp_path / "broken.pth", *FLAGS)
+    assert not at.exception
+    assert any("broken.pth" in t and "is empty" in t for t in texts(at.error))
 
 
 def test_chat_turns_keep_history_and_clear(monkeypatch, tiny_model_and_ckpt):
@@ -117,6 +125,23 @@ def wait_until(check, what: str, timeout: float = 90):
         time.sleep(0.2)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def zh_font_families() -> set[str] | None:
+    """The font families fontconfig says cover Chinese (Chromium on Linux falls back through fontconfig, so these
+    are what it can draw 你好 with), or None where there is no fc-list to ask."""
+    if shutil.which("fc-list") is None:
+        return None
+    listing = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True, check=True).stdout
+    return {name for line in listing.splitlines() for name in line.split(",") if name}
+
+
 class HeadlessChromium:
     """Headless Chromium driven over the DevTools protocol (a websocket; `websockets` comes with streamlit).
 
@@ -127,8 +152,10 @@ class HeadlessChromium:
         port = free_port()
         self.proc = subprocess.Popen(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-             "--window-size=1200,800", f"--remote-debugging-port={port}", f"--user-data-dir={profile_dir}",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             # a CI machine has nothing to reach: no QUIC probes, updaters, sync or first-run work beside the page
+             "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--window-size=1200,800", f"--remote-debugging-port={port}",
+             f"--user-data-dir={profile_dir}", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         pages = []
 
         def page_target():
@@ -158,60 +185,96 @@ class HeadlessChromium:
         for kind in ("keyDown", "keyUp"):
             self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
 
+    def fonts_used(self, selector: str) -> dict[str, int]:
+        """{font family: glyphs drawn with it} for the text directly inside the first element matching selector.
+
+        A character no installed font has is still drawn, as a box, so these are the fonts Chromium really used."""
+        self.call("DOM.enable")
+        self.call("CSS.enable")
+        root = self.call("DOM.getDocument")["root"]["nodeId"]
+        node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        assert node, f"no element matches {selector}"
+        fonts = self.call("CSS.getPlatformFontsForNode", nodeId=node)["fonts"]
+        return {f["familyName"]: f["glyphCount"] for f in fonts}
+
     def close(self):
         self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
 
 CHAT_BOX = "document.querySelector('textarea[placeholder=\"Message MiniMind\"]')"
 MESSAGES = "Array.from(document.querySelectorAll('[data-testid=\"stChatMessage\"]')).map(e => e.innerText)"
 SCRIPT_STATE = "document.querySelector('[data-testid=\"stApp\"]').dataset.testScriptState"
+FIRST_MESSAGE_TEXT = '[data-testid="stChatMessage"] [data-testid="stMarkdownContainer"] p'
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="no Chromium (Debian: apt-get install chromium)")
-def test_page_chat_in_headless_chromium(tiny_model_and_ckpt, tmp_path):
-    """`streamlit run` serves the page; a real browser loads it, sends one message, gets a reply, screenshots it."""
-    pytest.importorskip("websockets.sync.client", reason="the DevTools client needs websockets>=11")
-    _, ckpt = tiny_model_and_ckpt
+@contextlib.contextmanager
+def streamlit_server(ckpt, log_path):
+    """`streamlit run` the page on a free port; yields its URL once it answers its health check."""
     port = free_port()
-    log_path = tmp_path / "streamlit.log"
     with open(log_path, "wb") as log:
+        # No file watcher: it watches the whole checkout, .venv included, and its inotify churn costs seconds here.
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(PAGE), "--server.headless", "true", "--server.port",
              str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-             "--", "--ckpt", str(ckpt), *FLAGS], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+             "--server.fileWatcherType", "none", "--", "--ckpt", str(ckpt), *FLAGS],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    browser = None
     try:
         wait_until(lambda: server.poll() is None and httpx.get(f"{url}_stcore/health", timeout=2).text == "ok",
                    "streamlit to start")
-        browser = HeadlessChromium(find_chromium(), tmp_path / "profile")
-        browser.call("Page.navigate", url=url)
-        wait_until(lambda: browser.js(f"{CHAT_BOX} !== null"), "the chat box")  # the script ran, model loaded
-        browser.js(f"{CHAT_BOX}.focus()")
-        browser.call("Input.insertText", text="你好")
-        browser.press_enter()
-        wait_until(lambda: len(browser.js(MESSAGES)) == 2 and browser.js(SCRIPT_STATE) != "running", "a reply")
-        messages = browser.js(MESSAGES)
-        page_text = browser.js("document.body.innerText")
-        problems = browser.js("document.querySelectorAll('[data-testid=\"stException\"], [data-testid=\"stAlert\"]')"
-                              ".length")
-        screenshot = tmp_path / "fast_inference.png"
-        screenshot.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
+        yield url
     finally:
-        if browser is not None:
-            browser.close()
-        server.terminate()
+        stop(server)
+
+
+@pytest.fixture(scope="module")
+def browser_chat(tiny_model_and_ckpt, tmp_path_factory):
+    """A real browser loads the served page, sends 你好 and waits for the reply; what it showed, for the tests below
+    (one browser session for both: starting the page is most of their time)."""
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no chromium, chromium-browser or google-chrome on PATH (Debian: apt-get install chromium "
+                    "fonts-noto-cjk; .ci/run does when it can)")
+    pytest.importorskip("websockets.sync.client", reason="the DevTools client needs websockets>=11")
+    tmp = tmp_path_factory.mktemp("browser")
+    with streamlit_server(tiny_model_and_ckpt[1], tmp / "streamlit.log") as url:
+        browser = HeadlessChromium(chromium, tmp / "profile")  # a fresh profile: no state from an earlier run
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-    assert "MiniMind chat" in page_text and "Clear history" in page_text
-    assert problems == 0  # no exception box, no error/warning/info message
+            browser.call("Page.navigate", url=url)
+            wait_until(lambda: browser.js(f"{CHAT_BOX} !== null"), "the chat box")  # the script ran, model loaded
+            browser.js(f"{CHAT_BOX}.focus()")
+            browser.call("Input.insertText", text="你好")
+            browser.press_enter()
+            wait_until(lambda: len(browser.js(MESSAGES)) == 2 and browser.js(SCRIPT_STATE) != "running", "a reply")
+            shown = dict(
+                messages=browser.js(MESSAGES), page_text=browser.js("document.body.innerText"),
+                problems=browser.js("document.querySelectorAll('[data-testid=\"stException\"], "
+                                    "[data-testid=\"stAlert\"]').length"),
+                first_text=browser.js(f"document.querySelector('{FIRST_MESSAGE_TEXT}').textContent"),
+                fonts=browser.fonts_used(FIRST_MESSAGE_TEXT), screenshot=tmp / "fast_inference.png")
+            shown["screenshot"].write_bytes(base64.b64decode(browser.call("Page.captureScreenshot")["data"]))
+        finally:
+            browser.close()
+    print(f"screenshot: {shown['screenshot']}")
+    return shown
+
+
+def test_page_chat_in_headless_chromium(browser_chat):
+    """`streamlit run` serves the page; a real browser loads it, sends one message, gets a reply, screenshots it."""
+    assert "MiniMind chat" in browser_chat["page_text"] and "Clear history" in browser_chat["page_text"]
+    assert browser_chat["problems"] == 0  # no exception box, no error/warning/info message
+    messages = browser_chat["messages"]
     assert messages[0].strip().endswith("你好") and messages[1].strip()
-    assert screenshot.stat().st_size > 10_000
-    print(f"screenshot: {screenshot}")
+    assert browser_chat["screenshot"].stat().st_size > 10_000
+
+
+def test_page_draws_chinese_with_a_cjk_font(browser_chat):
+    """The user's 你好 is drawn with fonts that cover Chinese; without one Chromium draws boxes ("tofu") instead."""
+    families = zh_font_families()
+    if families is None:
+        pytest.skip("no fc-list to tell which fonts cover Chinese (Debian: apt-get install fontconfig)")
+    assert families, "no font covers Chinese (`fc-list :lang=zh` is empty): apt-get install fonts-noto-cjk"
+    assert browser_chat["first_text"] == "你好"
+    used = browser_chat["fonts"]
+    assert sum(used.values()) == 2 and set(used) <= families, f"你好 was drawn with {used}, not a Chinese font"

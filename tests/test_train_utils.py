@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 from pipeline_helpers import write_token_file
 
-from model.checkpoint import load_model
+from model.checkpoint import CheckpointError, load_model
 from model.dataset import PretrainDataset
 from model.model import MiniMindForCausalLM
 from model.train_utils import (
@@ -132,7 +132,7 @@ def test_resume_after_a_kill_logs_the_same_losses(tmp_path, corpus):
 
 def test_resume_without_a_resume_file_fails_clearly(tmp_path, corpus):
     args = make_args(tmp_path, "--resume", "--max_steps", "1")
-    with pytest.raises(FileNotFoundError, match="no resume file"):
+    with pytest.raises(CheckpointError, match="no resume file"):
         train(args, compute_init(args), fresh_model(), corpus, "pretrain_64")
 
 
