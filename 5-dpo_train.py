@@ -43,7 +43,14 @@ from model.dpo import MiniMindDPOTrainer, MiniMindForDPO, records_to_dataset
 from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
 from model.lora import DEFAULT_TARGETS, lora_config, merged_state_dict, save_adapter
-from model.train_utils import LOG_EVERY_S, add_train_args, print_outputs, resolve_log_interval, save_loss_plot
+from model.train_utils import (
+    LOG_EVERY_S,
+    add_train_args,
+    log_interval_note,
+    print_outputs,
+    resolve_log_interval,
+    save_loss_plot,
+)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -182,8 +189,8 @@ def main(argv=None):
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         print(f"DPO on {len(dataset):,} pairs from {init}: beta {args.beta}, max_length {dpo_args.max_length}, "
               f"{n_train / 1e6:.2f}M trainable params{' (LoRA)' if args.use_lora else ''}, device {device}, "
-              f"dtype {args.dtype}, world size {dpo_args.world_size}, logging every {dpo_args.logging_steps} steps "
-              f"(and at least every {LOG_EVERY_S:.0f} s)", flush=True)
+              f"dtype {args.dtype}, world size {dpo_args.world_size}, {log_interval_note(dpo_args.logging_steps)}",
+              flush=True)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     if trainer.is_world_process_zero():

@@ -44,6 +44,7 @@ from model.dataset import (
     truncate_turns_with_bounds,
     validate_messages,
 )
+from model.errors import exit_on_usage_error
 
 csv.field_size_limit(sys.maxsize)
 
@@ -363,6 +364,7 @@ class DPOSink:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@exit_on_usage_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)

@@ -2,7 +2,7 @@
 
     python eval_ceval.py --ckpt out/full_sft_512.pth --data_dir ../ceval-exam --split val
     python eval_ceval.py --ckpt out/full_sft_512.pth --data_dir ../ceval-exam --split val --shots 5
-    python eval_ceval.py --ckpt out/full_sft_512_moe.pth --use_moe --data_dir ../ceval-exam --split test
+    python eval_ceval.py --ckpt out/full_sft_512_moe.pth --data_dir ../ceval-exam --split test
     python eval_ceval.py --ckpt out/full_sft_512.pth --benchmark cmmlu --data_dir ../cmmlu --split test
 
 Data layouts (the benchmarks are not bundled; see the README for where to download them):

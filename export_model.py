@@ -2,8 +2,8 @@
 
     python export_model.py --ckpt out/full_sft_512.pth --out_dir out/MiniMind-v1-small
     python export_model.py --ckpt out/full_sft_512.pth --format llama --out_dir out/MiniMind-v1-small-llama
-    python export_model.py --ckpt out/full_sft_512_moe.pth --use_moe --out_dir out/MiniMind-v1-moe
-    python export_model.py --ckpt out/full_sft_768.pth --preset minimind-v1 --dtype bfloat16 --out_dir ...
+    python export_model.py --ckpt out/full_sft_512_moe.pth --out_dir out/MiniMind-v1-moe
+    python export_model.py --ckpt out/full_sft_768.pth --dtype bfloat16 --out_dir ...
 
 Formats:
 - minimind (default): our own model code travels in the folder (LMConfig.py, model.py) and config.json points at it
@@ -193,9 +193,16 @@ def llama_files(model, folder: Path, dtype: torch.dtype):
 # shared parts
 
 
+# How the exported folder's tokenizer is loaded: with its class named, transformers reads only the tokenizer files.
+# AutoTokenizer (transformers 5) first resolves the folder's config.json, whose auto_map points at our remote model
+# code, and so stops to ask "trust remote code? [y/N]" for a tokenizer that needs no code at all.
+TOKENIZER_LOAD = 'PreTrainedTokenizerFast.from_pretrained("{folder}")'
+
+
 def write_tokenizer(tokenizer_dir: Path, folder: Path, config: LMConfig):
     """Copy the tokenizer files as they are (a transformers-5 re-save would not load in transformers 4), with
-    model_max_length set so pipelines know the context length."""
+    model_max_length set so pipelines know the context length, and the tokenizer's class named so it loads without
+    any remote code."""
     tokenizer = load_tokenizer(tokenizer_dir)  # fails clearly when tokenizer.json is missing
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has no chat template")
@@ -205,6 +212,10 @@ def write_tokenizer(tokenizer_dir: Path, folder: Path, config: LMConfig):
     settings_path = folder / "tokenizer_config.json"
     settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.exists() else {}
     settings["model_max_length"] = config.context_length
+    # Without tokenizer_class, transformers looks the class up through config.json (our remote code); an auto_map
+    # would make the tokenizer itself remote code. Ours is a plain tokenizer.json, which the fast class reads as is.
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    settings.pop("auto_map", None)
     settings_path.write_text(json.dumps(settings, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
@@ -222,9 +233,9 @@ def write_readme(folder: Path, fmt: str, ckpt: str):
 Exported from `{Path(ckpt).name}` by MiniMind's `export_model.py`.
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+tokenizer = {TOKENIZER_LOAD.format(folder="path/to/this/folder")}  # no remote code, no prompt
 model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{remote})
 prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "你好"}}], tokenize=False,
                                        add_generation_prompt=True)
@@ -359,6 +370,7 @@ def main(argv=None) -> int:
     remote = ", trust_remote_code=True" if args.format == "minimind" else ""
     print(f"exported {args.ckpt} ({config.file_suffix}, {args.format} format, {args.dtype}) to {out}")
     print(f'load it with AutoModelForCausalLM.from_pretrained("{out}"{remote})')
+    print(f"and its tokenizer with {TOKENIZER_LOAD.format(folder=out)}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Serve a MiniMind checkpoint behind an OpenAI-compatible chat API (FastAPI + uvicorn).
 
     python my_openai_api.py --ckpt out/full_sft_512.pth                      # http://127.0.0.1:8998/v1
-    python my_openai_api.py --ckpt out/full_sft_512_moe.pth --use_moe --api_key sk-local --port 8000
+    python my_openai_api.py --ckpt out/full_sft_512_moe.pth --api_key sk-local --port 8000
 
     curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "minimind", "messages": [{"role": "user", "content": "你好"}], "stream": true}'

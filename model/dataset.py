@@ -125,7 +125,7 @@ class TokenFileWriter:
             lo, hi, low, high = np.iinfo(dtype).min, np.iinfo(dtype).max, arr.min(), arr.max()
             if low < lo or high > hi:
                 bad = high if high > hi else low
-                raise ValueError(f"{self.path}: {name} value {bad} does not fit {dtype} ({lo}..{hi}); "
+                raise DataFileError(f"{self.path}: {name} value {bad} does not fit {dtype} ({lo}..{hi}); "
                                  f"the file was declared with too small a dtype")
         arr = arr.astype(dtype, copy=False)
         self.files[name].write(arr.tobytes())
@@ -545,14 +545,19 @@ def load_dpo_records(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise DataFileError(f"{path} not found; make it with `python data_process.py dpo ...`")
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) == MAGIC:
+            raise DataFileError(f"{path} is a token file from data_process.py, not DPO records; make those with "
+                                f"`python data_process.py dpo ... --output dataset/dpo_data.jsonl`")
     records, bad = [], []
     for lineno, rec, _ in iter_json_lines(path):
         if not (rec is not None and all(isinstance(rec.get(k), str) and rec[k] for k in ("prompt", "chosen", "rejected"))):
             bad.append(lineno)
             continue
         records.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+    if not records:
+        raise DataFileError(f"{path} has no usable DPO records (need string 'prompt', 'chosen', 'rejected'; "
+                            f"{len(bad)} malformed line(s), first: {bad[:5]})")
     if bad:
         print(f"{path}: skipped {len(bad)} malformed line(s), first: {bad[:10]}", file=sys.stderr)
-    if not records:
-        raise DataFileError(f"{path} has no usable DPO records (need string 'prompt', 'chosen', 'rejected')")
     return records

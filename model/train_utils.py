@@ -276,6 +276,12 @@ def resolve_log_interval(args, total_steps: int) -> int:
     return args.log_interval if args.log_interval and args.log_interval > 0 else auto_log_interval(total_steps)
 
 
+def log_interval_note(interval: int) -> str:
+    """How often the run logs, for its header."""
+    every = "every step" if interval == 1 else f"every {interval:,} steps"
+    return f"logging {every} (and at least every {LOG_EVERY_S:.0f} s)"
+
+
 class StepLogger:
     """The training loop's log: a line every `interval` optimizer steps and at the last step, and a progress line
     whenever `every_s` seconds pass without any line (so a slow run is never silent for long).
@@ -286,14 +292,17 @@ class StepLogger:
     """
 
     def __init__(self, rt: Runtime, model, total_steps: int, interval: int, start_step: int, history: list,
-                 logger, every_s: float = LOG_EVERY_S, clock=time.time):
+                 logger, every_s: float | None = None, clock=None):
         self.rt, self.total_steps, self.interval, self.start_step = rt, total_steps, interval, start_step
-        self.history, self.logger, self.every_s, self.clock = history, logger, every_s, clock
+        self.history, self.logger = history, logger
+        # Looked up per run rather than bound as defaults, so a test can shorten LOG_EVERY_S or fake the clock.
+        self.every_s = LOG_EVERY_S if every_s is None else every_s
+        self.clock = clock or time.time
         self.flops_fn = getattr(unwrap(model), "flops_per_token", None)
         self.peak = peak_flops(rt.device)
         self.loss_sum = torch.zeros((), device=rt.device)  # on the device: no host sync per micro-batch
         self.window_steps = self.tokens = 0
-        self.t_start = self.t_line = clock()
+        self.t_start = self.t_line = self.clock()
 
     def micro_batch(self, loss: torch.Tensor, tokens: int):
         """One micro-batch: its detached loss, already divided by the accumulation steps, and its tokens (all ranks)."""
@@ -603,7 +612,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
            f"{steps_per_epoch:,} steps/epoch, {total_steps:,} steps, world size {rt.world_size}, "
            f"device {rt.device}, dtype {args.dtype}{', deepspeed' if engine else ''}")
     interval = resolve_log_interval(args, total_steps)
-    print0(f"logging every {interval:,} steps (and at least every {LOG_EVERY_S:.0f} s)")
+    print0(log_interval_note(interval))
     log = StepLogger(rt, model, total_steps, interval, start_step, history, logger)
 
     step = start_step

@@ -94,3 +94,18 @@ def test_scripts_fail_clearly_without_their_inputs(work, capsys):
         assert "missing.pth" in one_line_error(capsys, script(name), [*common, "--init", tmp / "missing.pth"])
     assert "no_such_data" in one_line_error(capsys, script("3-full_sft.py"), [
         *common, "--init", tmp / "out" / "pretrain_64.pth", "--data_path", tmp / "no_such_data.bin"])
+
+
+def test_wrong_kind_of_data_file_is_one_line(work, capsys):
+    tmp, common = work
+    init = ["--init", tmp / "out" / "pretrain_64.pth"]
+    cases = [
+        ("1-pretrain.py", [*common, "--data_path", tmp / "sft.bin"], "holds 'sft' data, expected 'pretrain'"),
+        ("1-pretrain.py", [*common, "--data_path", tmp / "nothing.bin"], "not found"),
+        ("3-full_sft.py", [*common, *init, "--data_path", tmp / "pretrain.bin"], "holds 'pretrain' data, expected 'sft'"),
+        ("4-lora_sft.py", [*common, *init, "--data_path", tmp / "dpo.jsonl"], "not a MiniMind token file"),
+        ("5-dpo_train.py", [*common, *init, "--data_path", tmp / "sft.bin"], "is a token file"),
+        ("5-dpo_train.py", [*common, *init, "--data_path", tmp / "pretrain.bin"], "is a token file"),
+    ]
+    for name, argv, expected in cases:
+        assert expected in one_line_error(capsys, script(name), argv), name

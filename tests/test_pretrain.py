@@ -1,14 +1,12 @@
 """1-pretrain.py end to end: a real 2-process torchrun (gloo) run that shards data disjointly, and the quick start."""
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
-import pytest
-from pipeline_helpers import ROOT, SHIPPED_TOKENIZER, write_token_file
+from pipeline_helpers import ROOT, write_token_file
 
 TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
 
@@ -52,17 +50,3 @@ def test_torchrun_two_ranks_shard_data_disjointly(tmp_path):
     assert proc.stdout.count("step 3/3") == 1  # logging on rank 0 only
     assert "world size 2" in proc.stdout
     assert (tmp_path / "out" / "pretrain_64.pth").exists() and (tmp_path / "out" / "pretrain_64.resume.pt").exists()
-
-
-@pytest.mark.skipif(not (SHIPPED_TOKENIZER / "tokenizer.json").exists(), reason="bundled tokenizer not built yet")
-def test_quickstart_runs_and_prints_a_continuation(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, QUICKSTART_STEPS="20", QUICKSTART_OUT_DIR=str(tmp_path / "out"),
-               QUICKSTART_IMAGES_DIR=str(tmp_path / "img"))
-    proc = subprocess.run(["bash", str(ROOT / "quickstart.sh")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    weights = tmp_path / "out" / "pretrain_128.pth"
-    assert weights.exists() and weights.stat().st_size > 100_000
-    assert "step 20/20" in proc.stdout
-    continuation = proc.stdout.split("[长江是]", 1)[1].split("\n", 1)[0]
-    assert continuation.strip()  # some text was generated after the prompt
-    assert hashlib.sha256(weights.read_bytes()).hexdigest()  # a readable file

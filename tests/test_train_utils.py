@@ -1,21 +1,28 @@
 """model/train_utils.py: LR schedule, optimizer groups, dtype handling, checkpoints and exact resume."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
 from pipeline_helpers import write_token_file
 
+from model import train_utils
 from model.checkpoint import CheckpointError, load_model
 from model.dataset import PretrainDataset
 from model.model import MiniMindForCausalLM
 from model.train_utils import (
+    LOSS_BAND,
+    LR_BAND,
+    _fit_band,
     add_train_args,
+    auto_log_interval,
     compute_init,
     cosine_lr,
     make_logger,
     make_optimizer,
+    resolve_log_interval,
     save_loss_plot,
     train,
 )
@@ -148,3 +155,89 @@ def test_noop_logger_and_loss_plot(tmp_path):
     logger.finish()
     path = save_loss_plot([{"step": i, "loss": 5 / i, "lr": 1e-3} for i in range(1, 20)], tmp_path / "p" / "l.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("total", [1, 7, 19, 20, 44, 45, 59, 60, 74, 75, 299, 1000, 12_345, 1_000_000])
+def test_default_log_interval_gives_20_to_45_lines_per_run(total):
+    interval = auto_log_interval(total)
+    lines = total // interval + (total % interval > 0)  # the last step always gets a line too
+    if total < 20:
+        assert interval == 1  # short runs: every step
+    else:
+        assert 20 <= lines <= 45, (interval, lines)
+    args = argparse.Namespace(log_interval=None)
+    assert resolve_log_interval(args, total) == interval
+    args.log_interval = 7  # an explicit --log_interval is kept as given
+    assert resolve_log_interval(args, total) == 7
+
+
+def parse_without_log_interval(tmp_path, *flags):
+    parser = add_train_args(argparse.ArgumentParser())
+    return parser.parse_args(["--out_dir", str(tmp_path / "out"), "--images_dir", str(tmp_path / "img"),
+                              "--device", "cpu", "--num_workers", "0", *flags])
+
+
+def test_default_log_interval_and_closing_list_of_written_files(tmp_path, corpus, capsys):
+    args = parse_without_log_interval(tmp_path, "--batch_size", "2", "--max_steps", "60")
+    assert args.log_interval is None
+    history = train(args, compute_init(args), fresh_model(), corpus, "pretrain_64")
+    assert [h["step"] for h in history] == list(range(2, 61, 2))  # 60 steps: every 2nd, 30 lines
+    out = capsys.readouterr().out
+    assert "logging every 2 steps (and at least every 30 s)" in out
+    assert out.count("step ") == 30
+    # the log ends with one block naming every file written, and those files exist
+    block = out.rstrip().splitlines()[-4:]
+    assert block[0] == "wrote:"
+    written = [Path(line.split()[-1]) for line in block[1:]]  # "  {what}  {path}"
+    assert [p.name for p in written] == ["pretrain_64.pth", "pretrain_64.resume.pt", "pretrain_64_loss.png"]
+    assert all(p.is_file() for p in written)
+
+
+def test_progress_lines_by_time_leave_the_history_alone(tmp_path, corpus, capsys, monkeypatch):
+    flags = ["--batch_size", "2", "--max_steps", "6", "--log_interval", "3"]
+    args = make_args(tmp_path / "plain", *flags)
+    plain = train(args, compute_init(args), fresh_model(), corpus, "pretrain_64")
+    assert capsys.readouterr().out.count("step ") == 2  # steps 3 and 6
+
+    monkeypatch.setattr(train_utils, "LOG_EVERY_S", 0.0)  # every step is "30 s after the last line"
+    args = make_args(tmp_path / "timed", *flags)
+    timed = train(args, compute_init(args), fresh_model(), corpus, "pretrain_64")
+    out = capsys.readouterr().out
+    assert [f"step {s}/6" in out for s in range(1, 7)] == [True] * 6  # a line at every step ...
+    assert timed == plain  # ... but the history (and so the resume file and the plot) has the interval's only
+    assert [h["step"] for h in timed] == [3, 6]
+
+
+def test_loss_and_lr_each_get_their_own_band_of_the_plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # DPO's shape: both fall together, which on two auto-scaled axes drew one line over the other
+    losses = [0.6893, 0.6833, 0.6762, 0.6734, 0.6635, 0.6647]
+    lrs = [cosine_lr(s, 60, 0, 5e-6, 5e-7) for s in range(10, 61, 10)]
+    fig, ax = plt.subplots()
+    ax2 = ax.twinx()
+    _fit_band(ax, losses, LOSS_BAND)
+    _fit_band(ax2, lrs, LR_BAND, floor=0.0)
+
+    def height(axis, v):  # a value's position as a fraction of the plot's height
+        lo, hi = axis.get_ylim()
+        return (v - lo) / (hi - lo)
+
+    assert min(height(ax, v) for v in losses) == pytest.approx(LOSS_BAND[0])
+    assert max(height(ax2, v) for v in lrs) == pytest.approx(LR_BAND[1])
+    assert LR_BAND[1] < LOSS_BAND[0]  # so the curves cannot cross
+    assert height(ax2, 0.0) == pytest.approx(LR_BAND[0])  # the LR axis starts at 0
+    assert all(LOSS_BAND[0] - 0.05 <= height(ax, t) <= LOSS_BAND[1] + 0.05 for t in ax.get_yticks())
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("history", [[{"step": 40, "loss": 8.68, "lr": 2e-4}], [{"step": 1, "loss": 3.0}],
+                                     [{"step": s, "loss": 9 - s / 10} for s in range(1, 4)]],
+                         ids=["single-point", "no-lr", "no-lr-3-points"])
+def test_loss_plot_of_few_points(tmp_path, history):
+    path = save_loss_plot(history, tmp_path / "few.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert save_loss_plot([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
