@@ -3,7 +3,7 @@
     python 0-eval_pretrain.py                                  # built-in prompts, out/pretrain_512.pth, streamed
     python 0-eval_pretrain.py --prompt "长江是" --prompt "人工智能"  --max_new_tokens 100
     python 0-eval_pretrain.py --batch --prompts_file prompts.txt   # all prompts in one batched generate call
-    python 0-eval_pretrain.py --ckpt out/pretrain_768.pth        
+    python 0-eval_pretrain.py --ckpt out/pretrain_768.pth        # a 768-wide checkpoint: no flags, the shape is in the file
 
 Each prompt starts with <s>, as every pretraining document does. By default the continuations stream to the
 terminal one prompt at a time; --batch generates all of them together (left-padded, one KV cache) and prints them

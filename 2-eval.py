@@ -2,7 +2,7 @@
 
     python 2-eval.py                                          # out/full_sft_512.pth, interactive
     python 2-eval.py --ckpt out/rl_512.pth --temperature 0.7 --top_p 0.85
-    python 2-eval.py --ckpt out/full_sft_768.pth                 
+    python 2-eval.py --ckpt out/full_sft_768.pth              # the shape is read from the file
     python 2-eval.py --ckpt out/full_sft_512.pth --lora_dir out/lora_sft_512        # base + LoRA adapter
     python 2-eval.py --prompt "你好" --prompt "你叫什么名字"    # non-interactive: the turns of one conversation
     python 2-eval.py --batch_file questions.txt               # non-interactive: one independent question a line

@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -118,6 +120,11 @@ def llama_config(config: LMConfig, dtype: torch.dtype):
     if config.rope_scaling_factor:
         # Our linear scaling divides positions by the factor, which is exactly HF's "linear" rope type.
         rope = {"rope_type": "linear", "factor": float(config.rope_scaling_factor), "rope_theta": float(config.rope_theta)}
+    if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:  # transformers 5.x
+        rope_fields = {"rope_parameters": rope}
+    else:  # 4.x: theta and scaling are separate fields
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if config.rope_scaling_factor else None
+        rope_fields = {"rope_theta": rope["rope_theta"], "rope_scaling": scaling}
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
@@ -129,7 +136,7 @@ def llama_config(config: LMConfig, dtype: torch.dtype):
         hidden_act="silu",
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
-        rope_parameters=rope,
+        **rope_fields,
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=True,
@@ -250,15 +257,11 @@ def forget_module_copy(folder: Path):
     """transformers copies remote code into its modules cache under the folder's name; for our temporary folder
     that copy would be left behind on every export, so remove it (the class stays usable: it is already imported)."""
     try:
-        from transformers.dynamic_module_utils import (
-            HF_MODULES_CACHE,
-            TRANSFORMERS_DYNAMIC_MODULE_NAME,
-            _sanitize_module_name,
-        )
-    except ImportError:  # pragma: no cover - private helper of a future transformers; leaving the copy is harmless
+        from transformers.dynamic_module_utils import HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME
+    except ImportError:  # pragma: no cover - names of a future transformers; leaving the copy is harmless
         return
-    shutil.rmtree(Path(HF_MODULES_CACHE) / TRANSFORMERS_DYNAMIC_MODULE_NAME / _sanitize_module_name(folder.name),
-                  ignore_errors=True)
+    # export() names the folder as a valid identifier, which every transformers version uses unchanged
+    shutil.rmtree(Path(HF_MODULES_CACHE) / TRANSFORMERS_DYNAMIC_MODULE_NAME / folder.name, ignore_errors=True)
 
 
 @torch.inference_mode()
@@ -308,7 +311,10 @@ def export(model, out_dir: Path, fmt: str = "minimind", dtype: torch.dtype = tor
     if fmt == "llama":
         llama_config(model.config, dtype)  # an MoE model fails here, before anything is written
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    # The temp name must be a Python identifier: transformers 4.x imports the folder's remote code under its name
+    # unchanged, and a "." there splits the module path (mkdtemp adds only [a-z0-9_]).
+    safe = re.sub(r"\W", "_", out_dir.name)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"_{safe}_tmp_"))
     try:
         (minimind_files if fmt == "minimind" else llama_files)(model, tmp, dtype)
         write_generation_config(tmp, model.config)

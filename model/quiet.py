@@ -16,10 +16,8 @@ import warnings
 
 # (logger name, start of the message) pairs dropped from the standard logging records.
 LOG_NOISE = (
-    # transformers 5 renamed ModelOutput's `past_key_values` field to `cache` and logs this whenever the old name is
-    # used. MiniMind's model code passes `past_key_values=` because transformers 4 (still supported) only knows that
-    # name; transformers maps it to `cache` itself, so the result is identical. Printed mid-answer in 2-eval.py.
-    ("transformers.utils.generic", "`past_key_values`/`cache_params` are deprecated"),
+    # (transformers 5's "`past_key_values`/`cache_params` are deprecated", once printed mid-answer in 2-eval.py, is
+    # not filtered: model/model.py now fills the output's cache under the field name the installed transformers has.)
     # accelerate imports deepspeed whenever it is installed (to unwrap DeepSpeedEngine models), even in scripts that do
     # not use deepspeed, and deepspeed then announces it found no GPU. Our own scripts already print the device they
     # run on, so this says nothing new; deepspeed's other warnings still show.
@@ -28,7 +26,7 @@ LOG_NOISE = (
 
 # (message regex, category, emitting module regex) triples for warnings.filterwarnings.
 WARNING_NOISE = (
-    # peft (<= 0.21) reads `model.is_gradient_checkpointing`, deprecated in transformers 5 in favour of
+    # peft (0.21 here) reads `model.is_gradient_checkpointing`, deprecated in transformers 5 in favour of
     # `is_activation_checkpointing`; a peft/transformers version mismatch, not something in MiniMind or the user's
     # flags. MiniMind does not use gradient checkpointing either way.
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),

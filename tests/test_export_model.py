@@ -192,3 +192,31 @@ def test_minimind_export_loads_in_a_clean_process(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["minimind", "llama"])
+def test_exported_tokenizer_loads_with_no_remote_code_and_no_prompt(tmp_path, fmt):
+    """The README's tokenizer line, in a clean process with stdin closed: a trust-remote-code prompt would show up
+    in its output (and block a terminal), and remote code would show up in sys.modules."""
+    code, out = export_cli(make_model(), tmp_path, fmt, "--no_verify")
+    assert code == 0
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    assert settings["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in settings
+    load = export_model.TOKENIZER_LOAD.format(folder=out)
+    assert export_model.TOKENIZER_LOAD.format(folder="path/to/this/folder") in (out / "README.md").read_text()
+    script = (
+        "import sys\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        f"tok = {load}\n"
+        "assert not [m for m in sys.modules if m.startswith('transformers_modules')], 'remote code was imported'\n"
+        "print(repr(tok.apply_chat_template([{'role': 'user', 'content': '你好'}], tokenize=False,"
+        " add_generation_prompt=True)), tok.eos_token_id, tok.model_max_length)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "trust_remote_code" not in log and "[y/N]" not in log and "custom code" not in log, log
+    assert result.stdout.strip() == f"'<s>user\\n你好</s>\\n<s>assistant\\n' 2 {make_model().config.context_length}"

@@ -109,3 +109,24 @@ def test_wrong_kind_of_data_file_is_one_line(work, capsys):
     ]
     for name, argv, expected in cases:
         assert expected in one_line_error(capsys, script(name), argv), name
+
+
+def test_dpo_logs_its_last_step_and_a_line_per_interval_of_seconds(work, capsys, monkeypatch):
+    tmp, common = work
+    spec = importlib.util.spec_from_file_location("dpo_train", ROOT / "5-dpo_train.py")
+    dpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dpo)
+    argv = main_args(*common, "--init", tmp / "out" / "pretrain_64.pth", "--data_path", tmp / "dpo.jsonl",
+                     "--max_steps", "3", "--batch_size", "2", "--log_interval", "100", "--out_dir", tmp / "dpo_log")
+    dpo.main(argv)
+    out = capsys.readouterr().out
+    assert "logging every 100 steps" in out
+    assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("step ")] == ["step 3/3"]  # the last
+    assert out.rstrip().splitlines()[-4:][0] == "wrote:"  # then the files written, weights first
+    assert out.rstrip().splitlines()[-3].split()[-1] == str(tmp / "dpo_log" / "rl_64.pth")
+
+    monkeypatch.setattr(dpo, "LOG_EVERY_S", 0.0)  # every step is "30 s after the last line"
+    dpo.main(argv)
+    out = capsys.readouterr().out
+    assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("step ")] == [
+        "step 1/3", "step 2/3", "step 3/3"]

@@ -10,8 +10,8 @@ from conftest import ROOT, tiny_model
 from model.lora import add_lora, save_adapter
 
 TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "64"]
-# What used to appear: transformers' cache-rename notice (mid-answer), peft's FutureWarning, deepspeed's accelerator
-# notice; and the generic markers any new library warning would carry.
+# What used to appear: transformers' cache-rename notice (mid-answer; fixed in model/model.py), peft's FutureWarning,
+# deepspeed's accelerator notice; and the generic markers any new library warning would carry.
 NOISE = ["past_key_values", "is_gradient_checkpointing", "Setting accelerator", "deprecated", "Warning",
          "warnings.warn"]
 
@@ -39,10 +39,9 @@ def test_chat_with_a_lora_adapter_prints_no_library_noise(tmp_path):
 EMIT = """
 import logging, warnings
 import model  # noqa: F401  (installs the filters)
-for name, text in [("transformers.utils.generic", "`past_key_values`/`cache_params` are deprecated. Use `cache`"),
-                   ("transformers.utils.generic", "another transformers warning"),
-                   ("DeepSpeed", "Setting accelerator to CPU. If you have GPU ..."),
-                   ("DeepSpeed", "another deepspeed warning")]:
+for name, text in [("DeepSpeed", "Setting accelerator to CPU. If you have GPU ..."),
+                   ("DeepSpeed", "another deepspeed warning"),
+                   ("somewhere.else", "Setting accelerator to CPU, says another library")]:
     logging.getLogger(name).warning(text)
 for text, module in [("`is_gradient_checkpointing` is deprecated and will be removed in v6.", "transformers.modeling_utils"),
                      ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", "somewhere.else"),
@@ -60,13 +59,13 @@ def run_emit(**env):
 
 def test_only_the_named_messages_from_the_named_modules_are_dropped():
     err = run_emit()
-    assert "past_key_values" not in err and "Setting accelerator" not in err
-    assert "another transformers warning" in err and "another deepspeed warning" in err
+    assert "Setting accelerator to CPU. If" not in err
+    assert "another deepspeed warning" in err and "says another library" in err  # other messages, other loggers
     assert err.count("is_gradient_checkpointing") == 1  # from somewhere.else: not the module the filter names
     assert "another deprecation" in err
 
 
 def test_everything_shows_with_the_escape_hatch():
     err = run_emit(MINIMIND_SHOW_ALL_WARNINGS="1")
-    assert "past_key_values" in err and "Setting accelerator" in err
+    assert "Setting accelerator to CPU. If" in err
     assert err.count("is_gradient_checkpointing") == 2
