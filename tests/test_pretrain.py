@@ -1,4 +1,5 @@
-"""1-pretrain.py end to end: a real 2-process torchrun (gloo) run that shards data disjointly, and the quick start."""
+"""1-pretrain.py end to end: a real 2-process torchrun (gloo) run that shards data disjointly (the quick start is
+run by test_readme_chain.py)."""
 
 import json
 import os
@@ -21,10 +22,17 @@ LAUNCHER = textwrap.dedent("""
         seen.append(int(index))
         return original(self, index)
     PretrainDataset.__getitem__ = recording_getitem
+    import model.train_utils as train_utils
+    trained = {{}}
+    original_train = train_utils.train
+    def recording_train(args, rt, model, *rest, **kwargs):  # keeps each rank's model to hash its final weights
+        trained["model"] = model
+        return original_train(args, rt, model, *rest, **kwargs)
+    train_utils.train = recording_train
     sys.argv = ["1-pretrain.py", *sys.argv[1:]]
-    g = runpy.run_path({script!r}, run_name="__main__")
+    runpy.run_path({script!r}, run_name="__main__")
     digest = hashlib.sha256()
-    for key, value in sorted(g["model"].state_dict().items()):
+    for key, value in sorted(trained["model"].state_dict().items()):
         digest.update(key.encode()); digest.update(value.detach().float().numpy().tobytes())
     with open(os.path.join({report!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
         json.dump({{"seen": seen, "weights": digest.hexdigest()}}, f)
