@@ -20,7 +20,7 @@ $PYTHON data_process.py pretrain --input dataset/pretrain_sample.jsonl --output 
 echo "== 2/3 pretrain for $STEPS steps on CPU"
 $PYTHON 1-pretrain.py $MODEL --data_path "$OUT_DIR/pretrain_sample.bin" --out_dir "$OUT_DIR" \
     --device cpu --dtype float32 --batch_size 8 --max_steps "$STEPS" --learning_rate 3e-3 --warmup_iters 20 \
-    --weight_decay 0.01 --log_interval 25 --save_interval 200 --num_workers 0 \
+    --weight_decay 0.01 --save_interval 200 --num_workers 0 \
     --images_dir "${QUICKSTART_IMAGES_DIR:-images}"
 
 echo "== 3/3 continue a prompt"
