@@ -16,7 +16,7 @@ sample with no answer token left is skipped and counted (see model/dataset.py).
 import argparse
 from pathlib import Path
 
-from model.checkpoint import find_checkpoint, load_model, read_checkpoint
+from model.checkpoint import load_model, read_stage_input
 from model.dataset import SFTDataset
 from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
@@ -38,8 +38,8 @@ def main(argv=None):
     rt = compute_init(args)
 
     # The model's shape comes from the file (its JSON, or its tensors); model flags only have to agree with it.
-    init = Path(args.init) if args.init else find_checkpoint(args.out_dir, "pretrain", model_flags(args))
-    ckpt = read_checkpoint(init, model_flags(args))
+    ckpt = read_stage_input(args.init, args.out_dir, "pretrain", model_flags(args))  # the shape comes from the file
+    init = ckpt.path
     config = ckpt.config
     # With --resume the loop replaces these weights with the resume file's; their shape is the same.
     model = load_model(ckpt, device="cpu")

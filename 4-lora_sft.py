@@ -18,7 +18,7 @@ Writes, under --out_dir:
 import argparse
 from pathlib import Path
 
-from model.checkpoint import find_checkpoint, load_model, read_checkpoint
+from model.checkpoint import load_model, read_stage_input
 from model.dataset import SFTDataset
 from model.errors import UsageError, exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
@@ -45,8 +45,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rt = compute_init(args)
 
-    init = Path(args.init) if args.init else find_checkpoint(args.out_dir, "full_sft", model_flags(args))
-    ckpt = read_checkpoint(init, model_flags(args))  # the shape comes from the file
+    ckpt = read_stage_input(args.init, args.out_dir, "full_sft", model_flags(args))  # the shape comes from the file
+    init = ckpt.path
     config = ckpt.config
     base = load_model(ckpt, device="cpu")
     try:

@@ -33,9 +33,8 @@ from model.checkpoint import (
     clean_state_dict,
     default_device,
     default_dtype_name,
-    find_checkpoint,
     load_tokenizer,
-    read_checkpoint,
+    read_stage_input,
     save_weights,
 )
 from model.dataset import load_dpo_records
@@ -160,8 +159,8 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     is_master = int(os.environ.get("RANK", "0")) == 0
 
-    init = Path(args.init) if args.init else find_checkpoint(out_dir, "full_sft", model_flags(args))
-    ckpt = read_checkpoint(init, model_flags(args))  # the shape comes from the file
+    ckpt = read_stage_input(args.init, out_dir, "full_sft", model_flags(args))  # the shape comes from the file
+    init = ckpt.path
     config, suffix = ckpt.config, ckpt.config.file_suffix
     dataset = records_to_dataset(load_dpo_records(args.data_path))
     tokenizer = load_tokenizer(args.tokenizer)

@@ -274,6 +274,12 @@ def find_checkpoint(out_dir: str | os.PathLike, stage: str, flags: dict | None =
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
+def read_stage_input(path: str | os.PathLike | None, out_dir: str | os.PathLike, stage: str,
+                     flags: dict | None = None) -> Checkpoint:
+    """A stage's input checkpoint: `path` when given (--init / --ckpt), else `find_checkpoint`'s default."""
+    return read_checkpoint(Path(path) if path else find_checkpoint(out_dir, stage, flags), flags)
+
+
 def load_model(ckpt, config: LMConfig | None = None, device: str | None = None, dtype: torch.dtype | None = None,
                flags: dict | None = None) -> MiniMindForCausalLM:
     """A model in eval mode with weights from `ckpt` (a path or a `Checkpoint`; strict: every v1 key must match),
