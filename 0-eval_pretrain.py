@@ -6,8 +6,8 @@
     python 0-eval_pretrain.py --ckpt out/pretrain_768.pth        # a 768-wide checkpoint: no flags, the shape is in the file
 
 Each prompt starts with <s>, as every pretraining document does. By default the continuations stream to the
-terminal one prompt at a time; --batch generates all of them together (left-padded, one KV cache) and prints them
-at the end.
+terminal one prompt at a time; --batch generates all of them together (the engine prefills them packed and decodes
+them in one batch) and prints them at the end.
 """
 
 import argparse
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from model.checkpoint import OUT_DIR, default_device, find_checkpoint, load_model, load_tokenizer, resolve_dtype
+from model.engine import Engine
 from model.errors import exit_on_usage_error
 from model.generate import SamplingParams, generate, stream_text
 from model.LMConfig import add_model_args, model_flags
@@ -60,9 +61,10 @@ def main(argv=None):
         for prompt, new in zip(prompts, generate(model, prompt_ids, params, eos_token_id=tokenizer.eos_token_id)):
             print(f"[{prompt}]{tokenizer.decode(new, skip_special_tokens=True)}\n")
     else:
+        engine = Engine(model, max_batch=1)
         for prompt, ids in zip(prompts, prompt_ids):
             print(f"[{prompt}]", end="", flush=True)
-            for piece in stream_text(model, tokenizer, ids, params):
+            for piece in stream_text(model, tokenizer, ids, params, engine=engine):
                 print(piece, end="", flush=True)
             print("\n")
     print(f"({len(prompts)} prompt(s) in {time.time() - start:.1f}s)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from model.checkpoint import OUT_DIR, default_device, find_checkpoint, load_model, load_tokenizer, resolve_dtype
 from model.errors import UsageError, exit_on_usage_error
-from model.generate import SamplingParams, generate, stream_text
+from model.generate import SamplingParams, stream_text
 from model.LMConfig import add_model_args, model_flags
 from model.serving import ChatEngine
 
@@ -78,7 +78,7 @@ class Chat:
     """
 
     def __init__(self, model, tokenizer, params: SamplingParams, system: str = "", max_history_turns=None):
-        self.engine = ChatEngine(model, tokenizer)
+        self.engine = ChatEngine(model, tokenizer, max_batch=1)
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.system, self.max_history_turns = system, max_history_turns
         self.history: list[tuple[str, str]] = []
@@ -90,7 +90,8 @@ class Chat:
 
     def reply(self, question: str, out=sys.stdout) -> str:
         pieces = []
-        for piece in stream_text(self.model, self.tokenizer, self.prompt(question), self.params):
+        for piece in stream_text(self.model, self.tokenizer, self.prompt(question), self.params,
+                                 engine=self.engine.engine):
             pieces.append(piece)
             out.write(piece)
             out.flush()
@@ -101,14 +102,14 @@ class Chat:
 
 
 def answer_batch(model, tokenizer, questions: list[str], params: SamplingParams, system: str, batch_size: int):
-    """Independent single-turn answers, `batch_size` questions per generate call (left-padded batches)."""
-    engine = ChatEngine(model, tokenizer)
+    """Independent single-turn answers through one engine that decodes `batch_size` of them at a time; printed in
+    order, a few batches' worth at once."""
+    chat = ChatEngine(model, tokenizer, max_batch=batch_size)
     budget = prompt_budget(model.config.context_length, params.max_new_tokens)
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        prompts = [engine.build_prompt(chat_messages(system, [], q), budget) for q in chunk]
-        outputs = generate(model, prompts, params, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id or 0)
+    for start in range(0, len(questions), 4 * batch_size):
+        chunk = questions[start:start + 4 * batch_size]
+        prompts = [chat.build_prompt(chat_messages(system, [], q), budget) for q in chunk]
+        outputs = chat.engine.generate_batch(prompts, params, eos_token_id=tokenizer.eos_token_id)
         for question, new_ids in zip(chunk, outputs):
             yield question, tokenizer.decode(new_ids, skip_special_tokens=True)
 

@@ -48,7 +48,8 @@ def load_engine(ckpt: str, modified: float, flags: tuple, tokenizer_dir: str | N
     """Cached on its arguments: `modified` (the file's mtime) makes a re-trained checkpoint load again."""
     dtype = resolve_dtype(None, device, fp16_fallback=False)
     model = load_model(ckpt, device=device, dtype=dtype, flags=dict(flags))  # the shape comes from the file
-    return ChatEngine(model, load_tokenizer(tokenizer_dir))
+    # One engine for every tab: its scheduler thread batches the tabs' replies together.
+    return ChatEngine(model, load_tokenizer(tokenizer_dir), max_batch=8).start()
 
 
 def show_name(path: Path) -> str:

@@ -317,7 +317,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         targets: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> MiniMindCausalLMOutput:
@@ -361,7 +361,9 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         h = self.norm(h)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # the positions to keep (the engine's packed prefill)
+            h = h[:, logits_to_keep]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.output(h)
 

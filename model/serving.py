@@ -7,10 +7,10 @@
         print(piece, end="")
     reply.finish_reason, reply.completion_tokens    # "stop" | "length" | "cancelled", tokens generated
 
-A prompt that does not fit is cut by tokens: whole old turns go first (the system prompt and the last user turn
-stay), and only if those two alone are still too long is their text shortened. The prompt is always re-encoded
-with `model.dataset.encode_prompt` (as SFT encoded the training data: template markers are whole special tokens,
-'<s>'/'</s>' typed in a message stay literal text), so its markers are never cut in half.
+A prompt that does not fit is cut by tokens (`model/chat_prompt.py`): whole old turns go first (the system prompt and
+the last user turn stay), and only if those two alone are still too long is their text shortened. Prompts are
+encoded as SFT encoded the training data (template markers are whole special tokens, '<s>'/'</s>' typed in a
+message stay literal text), so their markers are never cut in half.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
-from .dataset import encode_prompt
-from .generate import SamplingParams, Utf8Detokenizer, stream
+from .chat_prompt import build_chat_prompt, min_prompt_tokens
+from .engine import Engine, RequestHandle, StepOutput
+from .generate import SamplingParams, Utf8Detokenizer
 
 
 class LockedTokenizer:
@@ -87,17 +88,67 @@ class StopMatcher:
         return text
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE shows each byte as one printable character: bytes that are printable Latin-1 stand for
+    themselves, the other 68 are moved to U+0100 onwards in byte order. Returns character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The raw bytes a token stands for (a special token: its text), for OpenAI's logprobs `bytes` field."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if piece is None:
+        return b""
+    if int(token_id) in tokenizer.all_special_ids or any(ch not in BYTE_OF_CHAR for ch in piece):
+        return piece.encode("utf-8")
+    return bytes(BYTE_OF_CHAR[ch] for ch in piece)
+
+
+class ReplyText:
+    """Turns a request's StepOutputs into text deltas: whole UTF-8 characters, EOS hidden, cut at stop strings.
+
+    After the last push, `finish_reason` ("stop" | "length" | "cancelled" | "error") and `completion_tokens` (every
+    token the model produced, the final EOS included) are set. A stop-string hit ends the text: the caller then
+    cancels the request so its slot is freed.
+    """
+
+    def __init__(self, tokenizer, eos_token_id: int, stop: Sequence[str] = ()):
+        self.detok, self.stopper, self.eos = Utf8Detokenizer(tokenizer), StopMatcher(stop), eos_token_id
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def push(self, out: StepOutput) -> tuple[str, bool]:
+        """(text to show now, whether the reply is over)."""
+        text, hit = "", False
+        if out.token is not None:
+            self.completion_tokens += 1
+            if out.token != self.eos:
+                text, hit = self.stopper.push(self.detok.push(out.token))
+        if hit:
+            self.finish_reason = "stop"
+            return text, True
+        if out.finish_reason is None:
+            return text, False
+        self.finish_reason = out.finish_reason
+        tail, hit = self.stopper.push(self.detok.flush())
+        return text + tail + ("" if hit else self.stopper.flush()), True
+
+
 class Reply:
     """One generated reply. Iterate it for text deltas; afterwards `finish_reason` and `completion_tokens` are set.
 
-    `completion_tokens` counts every token the model produced, the final EOS included, so it never exceeds
-    `max_new_tokens` and equals it when `finish_reason` is "length". Setting `cancel` (a threading.Event) stops
-    generation before the next token: the server does this when the client goes away.
+    `completion_tokens` never exceeds `max_new_tokens` and equals it when `finish_reason` is "length". Setting
+    `cancel` (a threading.Event) stops generation before the next token and frees the slot.
     """
 
-    def __init__(self, engine: ChatEngine, prompt_ids: Sequence[int], params: SamplingParams,
+    def __init__(self, chat: ChatEngine, prompt_ids: Sequence[int], params: SamplingParams,
                  stop: Sequence[str] = (), cancel: threading.Event | None = None):
-        self.engine, self.prompt_ids, self.params = engine, list(prompt_ids), params
+        self.chat, self.prompt_ids, self.params = chat, list(prompt_ids), params
         self.stop, self.cancel = list(stop), cancel
         self.finish_reason: str | None = None
         self.completion_tokens = 0
@@ -106,55 +157,30 @@ class Reply:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
-    def _cancelled(self) -> bool:
-        if self.cancel is not None and self.cancel.is_set():
-            self.finish_reason = "cancelled"
-            return True
-        return False
-
     def __iter__(self) -> Iterator[str]:
-        engine = self.engine
-        detok = Utf8Detokenizer(engine.tokenizer)
-        stopper = StopMatcher(self.stop)
-        self.finish_reason, self.completion_tokens = "length", 0
-        if self._cancelled():
-            return
-        steps = stream(engine.model, [self.prompt_ids], self.params, eos_token_id=engine.eos_token_id,
-                       pad_token_id=engine.pad_token_id, max_context=engine.context_length)
+        text = ReplyText(self.chat.tokenizer, self.chat.eos_token_id, self.stop)
+        handle = self.chat.submit(self.prompt_ids, self.params)
         try:
-            for step in steps:
-                if self._cancelled():
+            for out in handle:
+                if self.cancel is not None and self.cancel.is_set():
+                    text.finish_reason = "cancelled"
                     return
-                token = int(step[0])
-                self.completion_tokens += 1
-                if token == engine.eos_token_id:
-                    self.finish_reason = "stop"
-                    break
-                text, hit = stopper.push(detok.push(token))
-                if text:
-                    yield text
-                if hit:
-                    self.finish_reason = "stop"
+                piece, over = text.push(out)
+                if piece:
+                    yield piece
+                if over:
                     return
         finally:
-            steps.close()  # frees the KV cache now, also when the consumer stops early
-        text, hit = stopper.push(detok.flush())
-        if hit:
-            self.finish_reason = "stop"
-        else:
-            text += stopper.flush()
-        if text:
-            yield text
+            handle.cancel()  # no-op when it already ended; frees the slot when the consumer stopped early
+            self.finish_reason, self.completion_tokens = text.finish_reason or "cancelled", text.completion_tokens
 
 
 class ChatEngine:
-    """A loaded model + tokenizer that turns chat messages into prompts and replies.
-
-    Stateless between calls: every `reply` owns its KV cache and random generator, so one engine can serve many
-    threads at once.
+    """A loaded model + tokenizer that turns chat messages into prompts, and prompts into replies generated by the
+    one batched `Engine` (started in the background with `start()` for a server; otherwise each reply drives it).
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, max_batch: int = 16, prefill_chunk: int = 512):
         self.model = model
         self.tokenizer = tokenizer if isinstance(tokenizer, LockedTokenizer) else LockedTokenizer(tokenizer)
         self.config = model.config
@@ -163,77 +189,29 @@ class ChatEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = 0 if pad is None else pad
         # The shortest possible prompt: the template around one empty user turn. Replies can use the rest.
-        self.min_prompt_tokens = len(self.render(None, [{"role": "user", "content": ""}]))
+        self.min_prompt_tokens = min_prompt_tokens(self.tokenizer)
         self.max_reply_tokens = self.context_length - self.min_prompt_tokens
+        # Replies without max_tokens may use what the prompt leaves, but old turns are dropped to leave them room.
+        self.default_reply_room = max(1, min(self.max_reply_tokens, self.context_length // 4))
+        self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, pad_token_id=self.pad_token_id)
+
+    def start(self) -> ChatEngine:
+        self.engine.start()
+        return self
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, top_logprobs: int | None = None,
+               on_event=None) -> RequestHandle:
+        return self.engine.submit(prompt_ids, params, eos_token_id=self.eos_token_id, top_logprobs=top_logprobs,
+                                  on_event=on_event)
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
-    def render(self, system: str | None, turns: Sequence[dict]) -> list[int]:
-        messages = ([{"role": "system", "content": system}] if system else []) + list(turns)
-        return encode_prompt(self.tokenizer, messages)
-
     def build_prompt(self, messages: Sequence[dict], budget: int | None = None) -> list[int]:
-        """Token ids of the chat template applied to `messages`, at most `budget` tokens long.
-
-        messages: {"role": "system"|"user"|"assistant", "content": str}, ending with a user turn. System messages
-        are joined into one at the front (the template only shows a leading one).
-        """
-        budget = self.context_length if budget is None else budget
-        if budget < self.min_prompt_tokens:
-            raise ValueError(f"a prompt needs at least {self.min_prompt_tokens} tokens, the budget is {budget}")
-        system = "\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"]) or None
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
-        if not turns or turns[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
-        ids = self.render(system, turns)
-        if len(ids) <= budget:
-            return ids
-
-        # Drop whole old turns: start at the earliest user turn that still fits. Fewer turns never means more
-        # tokens, so a binary search over the possible starts needs only a few renders even for long histories.
-        starts = [i for i, t in enumerate(turns) if t["role"] == "user"]
-        lo, hi = 0, len(starts) - 1  # is there a fitting start in starts[lo:]? try the earliest
-        best = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            candidate = self.render(system, turns[starts[mid]:])
-            if len(candidate) <= budget:
-                best, hi = candidate, mid - 1
-            else:
-                lo = mid + 1
-        if best is not None:
-            return best
-
-        # Only the system prompt and the last user turn are left and they are still too long. The question matters
-        # most, so the system prompt is shortened first (keeping its start), then the user's text (keeping its end,
-        # where the question usually is).
-        system_text, question = system or "", turns[-1]["content"]
-
-        def render_cut(n_system: int, n_question: int) -> list[int]:
-            kept_question = question[len(question) - n_question:]
-            return self.render(system_text[:n_system], [{"role": "user", "content": kept_question}])
-
-        n_system = self._longest_fit(len(system_text), lambda k: render_cut(k, len(question)), budget)
-        if n_system is not None:
-            return render_cut(n_system, len(question))
-        n_question = self._longest_fit(len(question), lambda k: render_cut(0, k), budget)
-        return render_cut(0, n_question or 0)
-
-    @staticmethod
-    def _longest_fit(length: int, render, budget: int) -> int | None:
-        """The largest k in [0, length] with len(render(k)) <= budget (None if not even 0 fits)."""
-        if len(render(0)) > budget:
-            return None
-        lo, hi = 0, length
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(render(mid)) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        """Token ids of the chat template applied to `messages`, at most `budget` tokens (default the context);
+        see `model.chat_prompt.build_chat_prompt` for what is cut first."""
+        return build_chat_prompt(self.tokenizer, messages, self.context_length if budget is None else budget)
 
     def reply(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
               cancel: threading.Event | None = None) -> Reply:

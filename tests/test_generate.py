@@ -10,7 +10,6 @@ from model.generate import (
     apply_repetition_penalty,
     generate,
     sample_next,
-    stream,
     stream_text,
 )
 
@@ -125,18 +124,13 @@ def test_top_k_and_top_p_restrict_the_candidates():
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0)])
 def test_invalid_sampling_params_raise(dense_model, bad):
     with pytest.raises(ValueError):
-        next(stream(dense_model, [[1, 2]], **bad))
+        generate(dense_model, [[1, 2]], **bad)
 
 
 def test_keyword_overrides_leave_the_callers_params_alone(dense_model):
     params = SamplingParams(max_new_tokens=3, temperature=0)
     out = generate(dense_model, [[5, 6]], params, max_new_tokens=5, eos_token_id=NO_EOS)
     assert len(out[0]) == 5 and params.max_new_tokens == 3
-
-
-def test_stream_yields_one_step_at_a_time(dense_model):
-    steps = list(stream(dense_model, [[5, 6], [7]], max_new_tokens=4, temperature=0, eos_token_id=NO_EOS))
-    assert len(steps) == 4 and all(s.shape == (2,) for s in steps)
 
 
 needs_tokenizer = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").exists(), reason="no bundled tokenizer")

@@ -5,10 +5,8 @@ The tiny checkpoint has its EOS embedding zeroed: with tied embeddings the EOS l
 other token's is positive, so greedy replies never end early and reply lengths are exact.
 """
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,64 +15,19 @@ import time
 import httpx
 import openai
 import pytest
-import torch
-from conftest import ROOT, TOKENIZER_DIR, tiny_model
+from conftest import ROOT, TOKENIZER_DIR
 from openai import OpenAI
+from server_helpers import free_port, running_server, tiny_chat_model
 
 from model.checkpoint import atomic_save, load_tokenizer
 from model.dataset import encode_prompt
-from model.generate import SamplingParams, stream
+from model.generate import SamplingParams, generate
 from model.serving import ChatEngine, StopMatcher
 
-MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
 CONTEXT = 64
 MAX_BODY = 65536
 API_KEY = "sk-test-key"
 SYSTEM = {"role": "system", "content": "你是MiniMind。"}
-
-
-def tiny_chat_model(**overrides):
-    model = tiny_model(vocab_size=6400, **overrides)
-    with torch.no_grad():
-        model.tok_embeddings.weight[2].zero_()  # EOS id 2: never chosen greedily (see the module docstring)
-    return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(ckpt, log_path, *extra):
-    port = free_port()
-    cmd = [sys.executable, str(ROOT / "my_openai_api.py"), "--ckpt", str(ckpt), "--tokenizer_dir", str(TOKENIZER_DIR),
-           *MODEL_FLAGS, "--device", "cpu", "--port", str(port), "--log_level", "warning", *map(str, extra)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not come up:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -489,8 +442,7 @@ def test_reply_stops_at_eos_and_on_cancel(engine):
     text = "".join(reply)
     assert reply.finish_reason == "length" and reply.completion_tokens == 10 and text
     # pretend the 4th generated token is EOS: the reply ends there with "stop", EOS counted but not shown
-    first_tokens = [int(step[0]) for step in stream(engine.model, [ids], SamplingParams(max_new_tokens=4, temperature=0),
-                                                     eos_token_id=-1)]
+    first_tokens = generate(engine.model, [ids], SamplingParams(max_new_tokens=4, temperature=0), eos_token_id=-1)[0]
     eos_engine = ChatEngine(engine.model, engine.tokenizer)
     eos_engine.eos_token_id = first_tokens[3]
     reply = eos_engine.reply(ids, greedy)
