@@ -21,6 +21,7 @@ import time
 import torch
 
 from model.checkpoint import default_device, load_model, load_tokenizer
+from model.dataset import encode_prompt
 from model.engine import Engine
 from model.LMConfig import LMConfig
 from model.model import MiniMindForCausalLM
@@ -158,9 +159,7 @@ def main():
     model = make_model(args, device)
     tokenizer = load_tokenizer()
     print(f"{model.num_parameters_unique() / 1e6:.1f}M params on {device}, {torch.get_num_threads()} CPU threads")
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True,
-                                               add_generation_prompt=True)
-    prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
+    prompt_ids = encode_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
     with torch.inference_mode():
         batch1_decode(model, prompt_ids, args.decode_tokens, args.gguf)
     if not args.skip_http:

@@ -41,3 +41,11 @@ def dense_model():
 @pytest.fixture
 def moe_model():
     return tiny_model(use_moe=True)
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    """A tiny chat checkpoint on disk for the API server tests (see server_helpers.tiny_chat_model)."""
+    from server_helpers import write_chat_ckpt
+
+    return write_chat_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny_sft.pth")

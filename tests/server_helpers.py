@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR, tiny_model
 
+from model.checkpoint import atomic_save
+
 MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
 
 
@@ -19,6 +21,11 @@ def tiny_chat_model(**overrides):
     with torch.no_grad():
         model.tok_embeddings.weight[2].zero_()  # EOS id 2: never chosen greedily (see the module docstring)
     return model
+
+
+def write_chat_ckpt(path):
+    atomic_save(tiny_chat_model().state_dict(), path)
+    return path
 
 
 def free_port() -> int:

@@ -12,25 +12,16 @@ import openai
 import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import rss_bytes, server_process, tiny_chat_model
-
-from model.checkpoint import atomic_save
+from server_helpers import rss_bytes, server_process
 
 CONTEXT = 64
 ORIGIN = "http://localhost:3000"  # an allowed browser origin (say, Open-WebUI's page)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_sft.pth"
-    atomic_save(tiny_chat_model().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def server(chat_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with server_process(ckpt, log, "--max_seq_len", CONTEXT, "--max_batch", 16, "--cors_origins", ORIGIN) as sp:
+    with server_process(chat_ckpt, log, "--max_seq_len", CONTEXT, "--max_batch", 16, "--cors_origins", ORIGIN) as sp:
         yield sp
 
 
@@ -92,8 +83,8 @@ def test_concurrent_requests_share_decode_steps(client, url):
     assert tokens == 16 * 24 and tokens / steps >= 4, (tokens, steps)
 
 
-def test_max_pending_is_exact_under_a_burst(ckpt, tmp_path):
-    with server_process(ckpt, tmp_path / "log", "--max_seq_len", 2048, "--max_batch", 1, "--max_pending", 2) as sp:
+def test_max_pending_is_exact_under_a_burst(chat_ckpt, tmp_path):
+    with server_process(chat_ckpt, tmp_path / "log", "--max_seq_len", 2048, "--max_batch", 1, "--max_pending", 2) as sp:
         url = sp[0]
         statuses = [None] * 16
         barrier = threading.Barrier(16)
@@ -280,6 +271,7 @@ def test_soak_64_streaming_clients_with_random_disconnects(client, server):
     idle = wait_idle(url)
     assert idle["running"] == 0 and idle["in_flight"] == 0
     growth = rss_bytes(proc.pid) - baseline
+    print(f"soak: {finished[0]} streams completed, {dropped[0]} hung up early, memory {growth / 2**20:+.1f} MiB")
     assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB"
 
 

@@ -19,7 +19,7 @@ from conftest import ROOT, TOKENIZER_DIR
 from openai import OpenAI
 from server_helpers import free_port, running_server, tiny_chat_model
 
-from model.checkpoint import atomic_save, load_tokenizer
+from model.checkpoint import load_tokenizer
 from model.dataset import encode_prompt
 from model.generate import SamplingParams, generate
 from model.serving import ChatEngine, StopMatcher
@@ -31,16 +31,9 @@ SYSTEM = {"role": "system", "content": "你是MiniMind。"}
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_sft.pth"
-    atomic_save(tiny_chat_model().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def server(chat_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with running_server(ckpt, log, "--max_seq_len", CONTEXT, "--max_body_bytes", MAX_BODY,
+    with running_server(chat_ckpt, log, "--max_seq_len", CONTEXT, "--max_body_bytes", MAX_BODY,
                         "--max_concurrent", 8) as url:
         yield url
 
@@ -51,10 +44,10 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def auth_server(ckpt, tmp_path_factory):
+def auth_server(chat_ckpt, tmp_path_factory):
     """With an API key, and a long context so that a reply takes long enough to be interrupted."""
     log = tmp_path_factory.mktemp("logs") / "auth_server.log"
-    with running_server(ckpt, log, "--max_seq_len", 2048, "--api_key", API_KEY) as url:
+    with running_server(chat_ckpt, log, "--max_seq_len", 2048, "--api_key", API_KEY) as url:
         yield url
 
 
