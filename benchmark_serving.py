@@ -71,16 +71,32 @@ def batch1_decode(model, prompt_ids, n, gguf):
     if gguf:
         from llama_cpp import Llama
 
-        llm = Llama(gguf, n_ctx=model.config.context_length, n_threads=torch.get_num_threads(), verbose=False)
-        llama = n / timed(lambda: _llama_greedy(llm, prompt_ids, n), repeats=2)
+        n_ctx, threads = model.config.context_length, torch.get_num_threads()
+        check = Llama(gguf, n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
+        check.eval(prompt_ids)
+        theirs = torch.from_numpy(check.scores[:len(prompt_ids)].copy())
+        mine = model(ids).logits[0].float().cpu()
+        del check
+        llm = Llama(gguf, n_ctx=n_ctx, n_threads=threads, verbose=False)
+        llama_tokens = _llama_greedy(llm, prompt_ids, n)
+        engine_tokens = list(engine.submit(prompt_ids, params, eos_token_id=-1).tokens())
+        same = next((i for i, (a, b) in enumerate(zip(llama_tokens, engine_tokens)) if a != b), n)
+        print(f"llama.cpp vs engine on the prompt: max |logits difference| {(theirs - mine).abs().max().item():.2e} "
+              f"(max |logit| {mine.abs().max().item():.1f}); greedy tokens agree for the first {same}/{n}")
+        llama = n / timed(lambda: _llama_greedy(llm, prompt_ids, n))
         print(f"llama.cpp {llama:.0f} tokens/s; engine / llama.cpp = {ours / llama:.2f}")
 
 
 def _llama_greedy(llm, prompt_ids, n):
-    llm.reset()
-    for i, _ in enumerate(llm.generate(prompt_ids, temp=0.0, top_k=1)):
-        if i + 1 >= n:
+    """Exactly n greedy tokens from a fresh cache; `generate` never stops by itself, so EOS does not end it early."""
+    llm.reset()  # n_tokens = 0, so generate re-evaluates the whole prompt rather than reusing a cached prefix
+    out = []
+    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        out.append(token)
+        if len(out) == n:
             break
+    assert len(out) == n, (len(out), n)
+    return out
 
 
 def serve_in_thread(model, tokenizer, max_batch):
