@@ -332,7 +332,20 @@ class Engine:
                     self._lock.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # a bug outside the model call: fail what is in flight, keep the loop alive
+                log.exception("engine step failed")
+                self._fail_everything(err)
+
+    def _fail_everything(self, err: BaseException) -> None:
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in waiting:
+            seq.handle._emit(StepOutput(finish_reason="error", error=err))
+        for seq in list(self.slots):
+            seq.handle._emit(StepOutput(finish_reason="error", error=err))
+        self.slots, self.n_decoding = [], 0
 
     # -- one scheduler step -----------------------------------------------------------------------------------
 

@@ -214,3 +214,15 @@ def test_bad_submissions_are_refused():
         engine.submit([300], GREEDY)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.submit([3], SamplingParams(max_new_tokens=0))
+
+
+def test_the_loop_survives_a_failing_scheduler(monkeypatch):
+    model = tiny_model(max_seq_len=64)
+    engine = Engine(model, max_batch=2).start()
+    monkeypatch.setattr(engine, "_admit", lambda: (_ for _ in ()).throw(RuntimeError("scheduler bug")))
+    failed = engine.submit([3, 4], greedy(3), eos_token_id=NO_EOS)
+    events = list(failed)
+    assert failed.finish_reason == "error" and "scheduler bug" in str(events[-1].error)
+    monkeypatch.undo()
+    assert engine.submit([3, 4], greedy(3), eos_token_id=NO_EOS).tokens() == alone(model, [3, 4], greedy(3))
+    engine.stop()
