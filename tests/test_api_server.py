@@ -248,7 +248,7 @@ def test_soak_64_streaming_clients_with_random_disconnects(client, server):
         while time.time() < deadline:
             k = rng.randrange(len(prompts))
             body = user_body(prompts[k], max_tokens=20, temperature=0, stream=True)
-            leave_after = rng.choice([None, None, 1, 3])  # a quarter of the requests hang up early
+            leave_after = rng.choice([None, None, 1, 3])  # half of the requests hang up after 1 or 3 chunks
             try:
                 text = stream_chat(url, body, leave_after)
             except Exception as err:  # noqa: BLE001 - any failure is a soak failure
