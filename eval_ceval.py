@@ -38,8 +38,8 @@ import torch
 
 from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer, read_checkpoint, resolve_dtype
 from model.dataset import encode_prompt
+from model.engine import last_token_logits
 from model.errors import exit_on_usage_error
-from model.generate import left_pad
 from model.LMConfig import add_model_args, model_flags
 
 ROOT_DIR = Path(__file__).resolve().parent
@@ -205,21 +205,10 @@ def letter_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-@torch.inference_mode()
-def letter_logits(model, prompts: list[list[int]], letter_ids: list[int], batch_size: int,
-                  pad_id: int) -> torch.Tensor:
-    """(N, 4) float32 logits of A..D at the position after each prompt, in the order of `prompts`."""
-    device = next(model.parameters()).device
-    out = torch.empty(len(prompts), len(letter_ids), dtype=torch.float32)
-    # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    index = torch.tensor(letter_ids, device=device)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
-        logits = model(ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-        out[rows] = logits.index_select(-1, index).float().cpu()
-    return out
+def letter_logits(model, prompts: list[list[int]], letter_ids: list[int], batch_size: int) -> torch.Tensor:
+    """(N, 4) float32 logits of A..D at the position after each prompt, in the order of `prompts`: the engine's
+    packed prefill (no padding), up to `batch_size` prompts and one context of tokens per forward."""
+    return last_token_logits(model, prompts, select=letter_ids, max_prompts=batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,7 +296,7 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="val", help="ceval: val|dev|test; cmmlu: dev|test")
     parser.add_argument("--shots", type=int, default=0, choices=range(6), help="few-shot examples from dev (0..5)")
     parser.add_argument("--subjects", nargs="*", default=None, help="only these subjects (default: all)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="questions scored per forward (packed, no padding)")
     parser.add_argument("--out_dir", default=None, help="default: eval_results/{benchmark}_{split}")
     parser.add_argument("--chart", default=None, help="default: images/{benchmark}_{split}_accuracy.png")
     parser.add_argument("--tokenizer_dir", default=str(TOKENIZER_DIR))
@@ -352,7 +341,6 @@ def main(argv=None) -> int:
         sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}")
     model = load_model(ckpt, device=device, dtype=dtype)
     letter_ids = letter_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_tokens = config.context_length
     print(f"{args.benchmark} {args.split}: {len(files)} subject(s), {args.shots}-shot, {args.ckpt} on {device} "
           f"({dtype}), context {max_tokens} tokens")
@@ -381,7 +369,7 @@ def main(argv=None) -> int:
             used_shots.append(n)
             n_cut += cut
             n_fewer_shots += n < len(pool)
-        logits = letter_logits(model, prompts, letter_ids, args.batch_size, pad_id)
+        logits = letter_logits(model, prompts, letter_ids, args.batch_size)
         probs = logits.softmax(dim=-1)
         predicted = [LETTERS[i] for i in logits.argmax(dim=-1).tolist()]
         all_predictions[subject] = {q.id: p for q, p in zip(questions, predicted)}

@@ -213,6 +213,35 @@ class PackedRow:
             self.mask = ((segment[:, None] == segment[None, :]) & causal)[None, None]
 
 
+@torch.inference_mode()
+def last_token_logits(model, prompts: Sequence[Sequence[int]], select: Sequence[int] | None = None,
+                      max_prompts: int = 16, row_tokens: int | None = None) -> torch.Tensor:
+    """(N, V) float32 logits after each prompt (only the `select`ed columns if given), in order, on the CPU.
+
+    The engine's packed prefill without a cache, for scoring (C-Eval) rather than generating: prompts, longest
+    first, are packed into rows of at most `row_tokens` tokens (default the context) and `max_prompts` prompts,
+    so no position is padding and the block-diagonal attention stays within one context's worth per row.
+    """
+    device = next(model.parameters()).device
+    row_tokens = row_tokens or model.config.context_length
+    index = None if select is None else torch.tensor(list(select), device=device)
+    order = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+    out: list = [None] * len(prompts)
+    while order:
+        rows = [order.popleft()]  # the longest prompt left opens a row
+        total = len(prompts[rows[0]])
+        while order and len(rows) < max_prompts and total + len(prompts[order[-1]]) <= row_tokens:
+            rows.append(order.pop())  # fill the row with the shortest prompts left
+            total += len(prompts[rows[-1]])
+        packed = PackedRow([prompts[i] for i in rows], device)
+        logits = model(packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                       logits_to_keep=packed.ends).logits[0]
+        logits = (logits if index is None else logits.index_select(-1, index)).float().cpu()
+        for j, i in enumerate(rows):
+            out[i] = logits[j]
+    return torch.stack(out) if out else torch.empty(0, 0)
+
+
 @dataclass
 class EngineStats:
     requests: int = 0

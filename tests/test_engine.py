@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from model.engine import Engine
+from model.engine import Engine, last_token_logits
 from model.generate import generate
 from model.sampling import SamplingParams
 
@@ -226,3 +226,18 @@ def test_the_loop_survives_a_failing_scheduler(monkeypatch):
     monkeypatch.undo()
     assert engine.submit([3, 4], greedy(3), eos_token_id=NO_EOS).tokens() == alone(model, [3, 4], greedy(3))
     engine.stop()
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_scoring_packs_prompts_without_padding(use_moe, monkeypatch):
+    model = tiny_model(use_moe=use_moe, max_seq_len=64)
+    prompts = prompts_of(9, seed=7, lo=1, hi=40)
+    with torch.no_grad():
+        expected = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    spy = ForwardSpy(model, monkeypatch)
+    got = last_token_logits(model, prompts, max_prompts=4)
+    assert torch.allclose(got, expected, atol=1e-4)  # the same math; summation order differs with packing
+    assert spy.positions == sum(map(len, prompts))  # every position a real token
+    assert all(b == 1 and t <= 64 for b, t in spy.calls) and len(spy.calls) < len(prompts)
+    letters = last_token_logits(model, prompts, select=[5, 9, 11, 2])
+    assert torch.allclose(letters, expected[:, [5, 9, 11, 2]], atol=1e-4)
