@@ -241,3 +241,13 @@ def test_scoring_packs_prompts_without_padding(use_moe, monkeypatch):
     assert all(b == 1 and t <= 64 for b, t in spy.calls) and len(spy.calls) < len(prompts)
     letters = last_token_logits(model, prompts, select=[5, 9, 11, 2])
     assert torch.allclose(letters, expected[:, [5, 9, 11, 2]], atol=1e-4)
+
+
+def test_a_bfloat16_model_runs_with_a_bfloat16_cache():
+    """The dtype a GPU server uses: the cache follows the weights, sampling reads float32 logits."""
+    model = tiny_model(max_seq_len=64).to(torch.bfloat16)
+    engine = Engine(model, max_batch=3)
+    assert engine.cache.k[0].dtype == torch.bfloat16
+    out = engine.generate_batch(prompts_of(3, seed=8), SamplingParams(max_new_tokens=6, temperature=0.8, seed=1),
+                                eos_token_id=NO_EOS)
+    assert [len(o) for o in out] == [6, 6, 6] and all(0 <= t < 256 for o in out for t in o)
