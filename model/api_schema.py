@@ -200,6 +200,12 @@ def _stop_strings(stop: Any) -> list[str]:
     return stops
 
 
+def _only_one(name: str, value: int | None) -> int | None:
+    if value is not None and value != 1:
+        raise ValueError(f"only {name}=1 is supported")
+    return value
+
+
 class _SamplingRequest(_Strict):
     """Fields both endpoints share. top_k and repetition_penalty are extensions (as in vLLM): top_k 0 and
     repetition_penalty 1 mean off. frequency_penalty and presence_penalty are OpenAI's and only range-checked here:
@@ -226,9 +232,7 @@ class _SamplingRequest(_Strict):
     @field_validator("n")
     @classmethod
     def only_one_choice(cls, n: int | None) -> int | None:
-        if n is not None and n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+        return _only_one("n", n)
 
     @property
     def include_usage(self) -> bool:
@@ -348,9 +352,7 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("best_of")
     @classmethod
     def only_best_of_one(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError("only best_of=1 is supported")
-        return value
+        return _only_one("best_of", value)
 
 
 Request = TypeVar("Request", bound=BaseModel)
