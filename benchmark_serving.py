@@ -6,14 +6,16 @@
     python benchmark_serving.py --gguf out/minimind.gguf        # also time llama.cpp (llama-cpp-python) on the same machine
 
 Prints:
-- batch-1 decode: tokens/s of our engine and of transformers' `generate` on the same model, 128 greedy tokens
-  (and llama.cpp's, when --gguf is given and llama-cpp-python is installed), and the ratio;
+- batch-1 decode: tokens/s of our engine and of transformers' `generate` on the same model, 128 greedy tokens, and
+  of our engine with the weights in bfloat16 (how many greedy tokens still equal float32's); llama.cpp's, when
+  --gguf is given and llama-cpp-python is installed, and the ratios;
 - concurrency: N greedy chat requests sent one after another, then all at once, to my_openai_api's app on a
   loopback port with the official `openai` client: aggregate tokens/s of each, the ratio, whether every output is
   identical to its sequential run, and time to first token p50/p99 under the concurrent load.
 """
 
 import argparse
+import copy
 import statistics
 import threading
 import time
@@ -40,6 +42,7 @@ def parse_args():
     p.add_argument("--max_tokens", type=int, default=48)
     p.add_argument("--gguf", default=None, help="a GGUF of the same weights, timed with llama-cpp-python")
     p.add_argument("--skip_http", action="store_true", help="only the batch-1 decode figures")
+    p.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 batch-1 figure")
     return p.parse_args()
 
 
@@ -60,7 +63,7 @@ def timed(fn, repeats=3):
     return best
 
 
-def batch1_decode(model, prompt_ids, n, gguf):
+def batch1_decode(model, prompt_ids, n, gguf, bf16: bool):
     params = SamplingParams(max_new_tokens=n, temperature=0)
     engine = Engine(model, max_batch=1)
     ours = n / timed(lambda: engine.submit(prompt_ids, params, eos_token_id=-1).tokens())
@@ -68,6 +71,13 @@ def batch1_decode(model, prompt_ids, n, gguf):
     hf = n / timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                           pad_token_id=0, eos_token_id=None), repeats=2)
     print(f"batch-1 decode, {n} greedy tokens: engine {ours:.0f} tokens/s, transformers generate {hf:.0f} tokens/s")
+    if bf16:  # --dtype bfloat16 halves the weight bytes each token reads; decode is bound by exactly that
+        half = Engine(copy.deepcopy(model).to(torch.bfloat16), max_batch=1)
+        ours_bf16 = n / timed(lambda: half.submit(prompt_ids, params, eos_token_id=-1).tokens())
+        f32_tokens = engine.submit(prompt_ids, params, eos_token_id=-1).tokens()
+        bf16_tokens = half.submit(prompt_ids, params, eos_token_id=-1).tokens()
+        same = next((i for i, (a, b) in enumerate(zip(f32_tokens, bf16_tokens)) if a != b), n)
+        print(f"engine in bfloat16: {ours_bf16:.0f} tokens/s; greedy tokens equal float32's for the first {same}/{n}")
     if gguf:
         from llama_cpp import Llama
 
@@ -84,7 +94,8 @@ def batch1_decode(model, prompt_ids, n, gguf):
         print(f"llama.cpp vs engine on the prompt: max |logits difference| {(theirs - mine).abs().max().item():.2e} "
               f"(max |logit| {mine.abs().max().item():.1f}); greedy tokens agree for the first {same}/{n}")
         llama = n / timed(lambda: _llama_greedy(llm, prompt_ids, n))
-        print(f"llama.cpp {llama:.0f} tokens/s; engine / llama.cpp = {ours / llama:.2f}")
+        print(f"llama.cpp {llama:.0f} tokens/s; engine / llama.cpp = {ours / llama:.2f}"
+              + (f" (float32), {ours_bf16 / llama:.2f} (engine in bfloat16)" if bf16 else ""))
 
 
 def _llama_greedy(llm, prompt_ids, n):
@@ -177,7 +188,7 @@ def main():
     print(f"{model.num_parameters_unique() / 1e6:.1f}M params on {device}, {torch.get_num_threads()} CPU threads")
     prompt_ids = encode_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
     with torch.inference_mode():
-        batch1_decode(model, prompt_ids, args.decode_tokens, args.gguf)
+        batch1_decode(model, prompt_ids, args.decode_tokens, args.gguf, bf16=not args.no_bf16)
     if not args.skip_http:
         concurrency(model, tokenizer, args.concurrent, args.max_tokens)
 
