@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -117,10 +117,6 @@ class _Sequence:
     generated: int = 0
     slot: int = -1
 
-    @property
-    def prefilling(self) -> bool:
-        return self.cached < len(self.tokens) - (1 if self.generated else 0)
-
 
 class SlotCache:
     """Preallocated keys/values: per layer (max_batch, n_kv_heads, capacity, head_dim), plus the tokens each slot
@@ -131,7 +127,6 @@ class SlotCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.seen = torch.zeros(max_batch, config.vocab_size, dtype=torch.bool, device=device)
-        self.capacity = capacity
 
     def swap(self, i: int, j: int, length: int) -> None:
         rows = torch.tensor([i, j], device=self.seen.device)
@@ -247,8 +242,6 @@ class EngineStats:
     requests: int = 0
     tokens_generated: int = 0
     steps: int = 0
-    prefill_tokens: int = 0
-    step_seconds: list[float] = field(default_factory=list)
 
 
 class Engine:
@@ -261,14 +254,13 @@ class Engine:
     """
 
     def __init__(self, model, max_batch: int = 16, max_context: int | None = None, prefill_chunk: int = 512,
-                 pad_token_id: int = 0, capacity: int | None = None):
+                 capacity: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.config = model, model.config
         self.max_batch = max_batch
         self.max_context = max_context or self.config.context_length
         self.prefill_chunk = max(1, min(prefill_chunk, self.max_context))
-        self.pad_token_id = pad_token_id
         param = next(model.parameters())
         self.device = param.device
         self.capacity = min(capacity or self.max_context, self.max_context)
@@ -315,12 +307,7 @@ class Engine:
                        eos_token_id: int | None = None) -> list[list[int]]:
         """All prompts through the engine together; the new tokens of each, in order."""
         handles = [self.submit(p, params, eos_token_id) for p in prompts]
-        while not all(h.done for h in handles):
-            if not self.running:
-                self.step()
-            else:
-                time.sleep(0.001)
-        return [[out.token for out in _drain(h) if out.token is not None] for h in handles]
+        return [h.tokens() for h in handles]  # the first one's iteration runs the steps that serve them all
 
     @property
     def num_active(self) -> int:
@@ -385,7 +372,6 @@ class Engine:
             self._step()
 
     def _step(self) -> None:
-        started = time.perf_counter()
         self._drop_cancelled()
         self._admit()
         for phase in (self._prefill, self._decode):
@@ -396,8 +382,6 @@ class Engine:
                 for seq in list(self.slots):
                     self._finish(seq, "error", err)
         self.stats.steps += 1
-        self.stats.step_seconds.append(time.perf_counter() - started)
-        del self.stats.step_seconds[:-1000]
 
     def _admit(self) -> None:
         with self._lock:
@@ -455,7 +439,6 @@ class Engine:
                          use_cache=True, logits_to_keep=row.ends)
         for s in seqs:
             s.cached = len(s.tokens)
-        self.stats.prefill_tokens += row.ids.shape[1]
         return out.logits[0]
 
     def _prefill_chunk(self, seq: _Sequence, take: int) -> torch.Tensor:
@@ -465,7 +448,6 @@ class Engine:
         out = self.model(ids, position_ids=positions, past_key_values=_ChunkView(self.cache, seq.slot, start),
                          use_cache=True, logits_to_keep=1)
         seq.cached += take
-        self.stats.prefill_tokens += take
         return out.logits[:, -1]
 
     def _decode(self) -> None:
@@ -565,11 +547,3 @@ class Engine:
         self.cache.swap(i, j, max(a.cached, b.cached))
         self.slots[i], self.slots[j] = b, a
         a.slot, b.slot = j, i
-
-
-def _drain(handle: RequestHandle) -> Iterator[StepOutput]:
-    while True:
-        try:
-            yield handle.events.get_nowait()
-        except queue.Empty:
-            return

@@ -22,22 +22,9 @@ from .engine import Engine
 from .sampling import GREEDY_BELOW, SamplingParams, apply_repetition_penalty, sample_next
 
 __all__ = ["GREEDY_BELOW", "SamplingParams", "Utf8Detokenizer", "apply_repetition_penalty", "generate",
-           "left_pad", "sample_next", "stream_text", "unpad"]
+           "sample_next", "stream_text", "unpad"]
 
 MAX_BATCH = 64  # more prompts than this wait for a free slot; the cache is sized for this many at most
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, attention_mask), left-padded so every row's last token is in the last column."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def unpad(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
@@ -49,7 +36,7 @@ def unpad(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[i
 
 
 def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, params: SamplingParams | None = None,
-             eos_token_id: int | None = None, pad_token_id: int = 0, max_context: int | None = None,
+             eos_token_id: int | None = None, max_context: int | None = None,
              attention_mask: torch.Tensor | None = None, **kwargs) -> list[list[int]]:
     """New tokens for each prompt (EOS included when produced), as lists.
 
@@ -65,8 +52,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, params: Sam
         raise ValueError("every prompt needs at least one token")
     context = max_context or model.config.context_length
     capacity = min(context, max(len(x) for x in prompts) + p.max_new_tokens)
-    engine = Engine(model, max_batch=min(len(prompts), MAX_BATCH), max_context=context, capacity=capacity,
-                    pad_token_id=pad_token_id)
+    engine = Engine(model, max_batch=min(len(prompts), MAX_BATCH), max_context=context, capacity=capacity)
     return engine.generate_batch(prompts, p, eos_token_id)
 
 

@@ -186,14 +186,12 @@ class ChatEngine:
         self.config = model.config
         self.context_length = self.config.context_length
         self.eos_token_id = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = 0 if pad is None else pad
         # The shortest possible prompt: the template around one empty user turn. Replies can use the rest.
         self.min_prompt_tokens = min_prompt_tokens(self.tokenizer)
         self.max_reply_tokens = self.context_length - self.min_prompt_tokens
         # Replies without max_tokens may use what the prompt leaves, but old turns are dropped to leave them room.
         self.default_reply_room = max(1, min(self.max_reply_tokens, self.context_length // 4))
-        self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk, pad_token_id=self.pad_token_id)
+        self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
 
     def start(self) -> ChatEngine:
         self.engine.start()

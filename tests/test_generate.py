@@ -1,5 +1,7 @@
 """The generation engine: cached decoding equals recompute, batching, sampling controls, streaming text."""
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 from conftest import TOKENIZER_DIR, tiny_model
@@ -14,6 +16,19 @@ from model.generate import (
 )
 
 NO_EOS = -1  # an id that is never sampled, so runs go to max_new_tokens
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention_mask), left-padded so every row's last token is in the last column."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def greedy_by_recompute(model, prompt, n):
@@ -44,8 +59,6 @@ def test_batch_generation_equals_one_by_one(use_moe):
 
 
 def test_left_padded_tensor_batch_equals_token_lists(dense_model):
-    from model.generate import left_pad
-
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     ids, mask = left_pad(prompts, 0, "cpu")
     from_tensor = generate(dense_model, ids, attention_mask=mask, max_new_tokens=6, temperature=0, eos_token_id=NO_EOS)
