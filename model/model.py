@@ -388,18 +388,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         cache = past_key_values
         past = cache.get_seq_length() if cache is not None else 0
 
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask.to(device=h.device, dtype=torch.bool)
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            pad = attention_mask.to(device=h.device, dtype=torch.bool)
-            if position_ids is None:
-                position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            mask = _padded_causal_mask(pad, T, past)
-        elif past > 0 and T > 1:
-            mask = _padded_causal_mask(torch.ones(B, past + T, dtype=torch.bool, device=h.device), T, past)
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=h.device).unsqueeze(0).expand(B, T)
+        mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, h.device)
         rope = rope_tables(*rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                          self.config.rope_scaling_factor))
 
@@ -418,16 +407,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None or targets is not None:
-            if labels is not None:
-                pred, tgt = logits[:, :-1], labels[:, 1:]
-            else:
-                pred, tgt = logits, targets
-            tgt = tgt.to(logits.device)
-            reduction = "sum" if num_items_in_batch is not None else "mean"
-            loss = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                                   reduction=reduction)
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
+            loss = _lm_loss(logits, labels, targets, num_items_in_batch)
             if aux_total is not None and self.training:
                 loss = loss + aux_total
         out = MiniMindCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_total)
@@ -450,6 +430,41 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             n -= c.n_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
         attn = 12 * c.n_layers * c.dim * seq_len
         return 6 * n + attn
+
+
+def _mask_and_positions(attention_mask, position_ids, B: int, T: int, past: int, device):
+    """forward's attention mask (None = plain causal) and RoPE positions.
+
+    A 4D boolean mask is used as given; a 2D padding mask with real padding becomes a padded causal mask (positions
+    count only real tokens); queries after a cached prefix get an explicit causal mask.
+    """
+    mask = None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+    elif attention_mask is not None and not bool(attention_mask.all()):
+        pad = attention_mask.to(device=device, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        mask = _padded_causal_mask(pad, T, past)
+    elif past > 0 and T > 1:
+        mask = _padded_causal_mask(torch.ones(B, past + T, dtype=torch.bool, device=device), T, past)
+    if position_ids is None:
+        position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
+    return mask, position_ids
+
+
+def _lm_loss(logits, labels, targets, num_items_in_batch):
+    """Cross-entropy over labels (shifted here) or targets (already shifted); -100 is ignored. With
+    num_items_in_batch, the sum over tokens divided by it (so accumulated micro-batches weigh by tokens)."""
+    if labels is not None:
+        pred, tgt = logits[:, :-1], labels[:, 1:]
+    else:
+        pred, tgt = logits, targets
+    tgt = tgt.to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
 
 
 def _padded_causal_mask(pad: torch.Tensor, T: int, past: int) -> torch.Tensor:
