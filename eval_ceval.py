@@ -312,12 +312,28 @@ def parse_args(argv=None):
     return args
 
 
-@exit_on_usage_error
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    data_dir = Path(args.data_dir)
-    if not data_dir.is_dir():
-        sys.exit(f"error: --data_dir {data_dir} is not a folder; download the benchmark first (see README)")
+def load_scored_model(args, tokenizer):
+    """(model, device, dtype); the shape comes from the checkpoint, and the tokenizer must fit its vocabulary."""
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device, fp16_fallback=False)
+    ckpt = read_checkpoint(args.ckpt, model_flags(args))
+    if len(tokenizer) > ckpt.config.vocab_size:
+        sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens but the model only {ckpt.config.vocab_size}")
+    return load_model(ckpt, device=device, dtype=dtype), device, dtype
+
+
+def dev_examples(subject: str, dev_files: dict[str, Path], shots: int, problems: list[str]) -> list[Question]:
+    """The answered dev questions of a subject, for few-shot prompts (too few is recorded as a problem)."""
+    if not shots:
+        return []
+    pool = [q for q in read_questions(dev_files[subject], problems)[0] if q.answer] if subject in dev_files else []
+    if len(pool) < shots:
+        problems.append(f"{subject}: only {len(pool)} dev example(s) for {shots} shots")
+    return pool
+
+
+def selected_subjects(args, data_dir: Path) -> dict[str, Path]:
+    """The split's subject files, narrowed to --subjects (unknown names are warned about); exits if none."""
     files = subject_files(data_dir, args.benchmark, args.split)
     if args.subjects:
         unknown = sorted(set(args.subjects) - set(files))
@@ -327,21 +343,79 @@ def main(argv=None) -> int:
     if not files:
         expected = "{subject}_" + args.split + ".csv" if args.benchmark == "ceval" else "{subject}.csv"
         sys.exit(f"error: no {expected} files in {split_folder(data_dir, args.split)}")
+    return files
+
+
+def subject_prompts(tokenizer, title: str, questions: list[Question], shots_pool: list[Question], args,
+                    max_tokens: int) -> tuple[list[list[int]], list[int], int, int]:
+    """(prompt ids, shots used per question, prompts cut, prompts with fewer shots than asked)."""
+    prompts, used_shots, n_cut, n_fewer = [], [], 0, 0
+    for q in questions:
+        # On the dev split a question must not be its own example.
+        pool = [s for s in shots_pool if not (args.split == "dev" and s.id == q.id)][: args.shots]
+        ids, n, cut = build_prompt(tokenizer, title, q, pool, max_tokens)
+        prompts.append(ids)
+        used_shots.append(n)
+        n_cut += cut
+        n_fewer += n < len(pool)
+    return prompts, used_shots, n_cut, n_fewer
+
+
+def prediction_rows(questions, predicted, probs, used_shots, prompts, labelled: bool) -> tuple[list, list]:
+    """The per-subject CSV: header and rows (answer and correctness only where the split has answers)."""
+    probs_text = [[f"{x:.4f}" for x in row] for row in probs.tolist()]
+    extra = [[n, len(ids)] for n, ids in zip(used_shots, prompts)]
+    if labelled:
+        header = ["id", "answer", "prediction", "correct", *(f"p_{c}" for c in LETTERS), "shots", "prompt_tokens"]
+        rows = [[q.id, q.answer, pred, int(pred == q.answer), *p, *e]
+                for q, pred, p, e in zip(questions, predicted, probs_text, extra)]
+    else:
+        header = ["id", "prediction", *(f"p_{c}" for c in LETTERS), "shots", "prompt_tokens"]
+        rows = [[q.id, pred, *p, *e] for q, pred, p, e in zip(questions, predicted, probs_text, extra)]
+    return header, rows
+
+
+def write_summary(summary: list[dict], unlabelled: list[str], problems: list[str], args, out_dir: Path,
+                  chart: Path) -> None:
+    """Print the accuracy table; write summary.csv, summary.json and the chart."""
+    total_correct = sum(r["correct"] for r in summary)
+    total = sum(r["total"] for r in summary)
+    overall = total_correct / total
+    macro = sum(r["accuracy"] for r in summary) / len(summary)
+    width = max(len("TOTAL"), *(len(r["subject"]) for r in summary))
+    print(f"\n{'subject':<{width}}  {'correct':>7}  {'total':>6}  accuracy")
+    for r in summary:
+        print(f"{r['subject']:<{width}}  {r['correct']:>7}  {r['total']:>6}  {r['accuracy']:.4f}")
+    print(f"{'TOTAL':<{width}}  {total_correct:>7}  {total:>6}  {overall:.4f}")
+    print(f"mean of the {len(summary)} subject accuracies: {macro:.4f}")
+
+    rows = [[r["subject"], r["correct"], r["total"], f"{r['accuracy']:.4f}"] for r in summary]
+    rows.append(["TOTAL", total_correct, total, f"{overall:.4f}"])
+    write_text_atomic(out_dir / "summary.csv", csv_text(["subject", "correct", "total", "accuracy"], rows))
+    report = {"benchmark": args.benchmark, "split": args.split, "shots": args.shots, "ckpt": str(args.ckpt),
+              "subjects": summary, "total": {"correct": total_correct, "total": total, "accuracy": overall},
+              "macro_accuracy": macro, "unlabelled_subjects": unlabelled, "problems": problems}
+    write_text_atomic(out_dir / "summary.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    plot_accuracy(summary, overall, f"{args.benchmark} {args.split}, {args.shots}-shot: {Path(args.ckpt).name}",
+                  chart)
+
+
+@exit_on_usage_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        sys.exit(f"error: --data_dir {data_dir} is not a folder; download the benchmark first (see README)")
+    files = selected_subjects(args, data_dir)
     dev_files = subject_files(data_dir, args.benchmark, "dev") if args.shots else {}
     titles = subject_titles(data_dir)
     out_dir = Path(args.out_dir) if args.out_dir else ROOT_DIR / "eval_results" / f"{args.benchmark}_{args.split}"
     chart = Path(args.chart) if args.chart else ROOT_DIR / "images" / f"{args.benchmark}_{args.split}_accuracy.png"
 
-    device = args.device or default_device()
-    dtype = resolve_dtype(args.dtype, device, fp16_fallback=False)
     tokenizer = load_tokenizer(args.tokenizer_dir)
-    ckpt = read_checkpoint(args.ckpt, model_flags(args))  # the shape comes from the file
-    config = ckpt.config
-    if len(tokenizer) > config.vocab_size:
-        sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}")
-    model = load_model(ckpt, device=device, dtype=dtype)
+    model, device, dtype = load_scored_model(args, tokenizer)
     letter_ids = letter_token_ids(tokenizer)
-    max_tokens = config.context_length
+    max_tokens = model.config.context_length
     print(f"{args.benchmark} {args.split}: {len(files)} subject(s), {args.shots}-shot, {args.ckpt} on {device} "
           f"({dtype}), context {max_tokens} tokens")
 
@@ -353,36 +427,16 @@ def main(argv=None) -> int:
         if not questions:
             problems.append(f"{path}: no usable questions; skipped the subject")
             continue
-        shots_pool: list[Question] = []
-        if args.shots:
-            if subject in dev_files:
-                shots_pool = [q for q in read_questions(dev_files[subject], problems)[0] if q.answer]
-            if len(shots_pool) < args.shots:
-                problems.append(f"{subject}: only {len(shots_pool)} dev example(s) for {args.shots} shots")
+        shots_pool = dev_examples(subject, dev_files, args.shots, problems)
         title = titles.get(subject, subject.replace("_", " "))
-        prompts, used_shots = [], []
-        for q in questions:
-            # On the dev split a question must not be its own example.
-            pool = [s for s in shots_pool if not (args.split == "dev" and s.id == q.id)][: args.shots]
-            ids, n, cut = build_prompt(tokenizer, title, q, pool, max_tokens)
-            prompts.append(ids)
-            used_shots.append(n)
-            n_cut += cut
-            n_fewer_shots += n < len(pool)
+        prompts, used_shots, cut, fewer = subject_prompts(tokenizer, title, questions, shots_pool, args, max_tokens)
+        n_cut, n_fewer_shots = n_cut + cut, n_fewer_shots + fewer
         logits = letter_logits(model, prompts, letter_ids, args.batch_size)
         probs = logits.softmax(dim=-1)
         predicted = [LETTERS[i] for i in logits.argmax(dim=-1).tolist()]
         all_predictions[subject] = {q.id: p for q, p in zip(questions, predicted)}
 
-        probs_text = [[f"{x:.4f}" for x in row] for row in probs.tolist()]
-        extra = [[n, len(ids)] for n, ids in zip(used_shots, prompts)]
-        if labelled:
-            header = ["id", "answer", "prediction", "correct", *(f"p_{c}" for c in LETTERS), "shots", "prompt_tokens"]
-            rows = [[q.id, q.answer, pred, int(pred == q.answer), *p, *e]
-                    for q, pred, p, e in zip(questions, predicted, probs_text, extra)]
-        else:
-            header = ["id", "prediction", *(f"p_{c}" for c in LETTERS), "shots", "prompt_tokens"]
-            rows = [[q.id, pred, *p, *e] for q, pred, p, e in zip(questions, predicted, probs_text, extra)]
+        header, rows = prediction_rows(questions, predicted, probs, used_shots, prompts, labelled)
         write_text_atomic(out_dir / f"{subject}.csv", csv_text(header, rows))
 
         if labelled:
@@ -410,26 +464,7 @@ def main(argv=None) -> int:
     if not summary:
         return 0
 
-    total_correct = sum(r["correct"] for r in summary)
-    total = sum(r["total"] for r in summary)
-    overall = total_correct / total
-    macro = sum(r["accuracy"] for r in summary) / len(summary)
-    width = max(len("TOTAL"), *(len(r["subject"]) for r in summary))
-    print(f"\n{'subject':<{width}}  {'correct':>7}  {'total':>6}  accuracy")
-    for r in summary:
-        print(f"{r['subject']:<{width}}  {r['correct']:>7}  {r['total']:>6}  {r['accuracy']:.4f}")
-    print(f"{'TOTAL':<{width}}  {total_correct:>7}  {total:>6}  {overall:.4f}")
-    print(f"mean of the {len(summary)} subject accuracies: {macro:.4f}")
-
-    rows = [[r["subject"], r["correct"], r["total"], f"{r['accuracy']:.4f}"] for r in summary]
-    rows.append(["TOTAL", total_correct, total, f"{overall:.4f}"])
-    write_text_atomic(out_dir / "summary.csv", csv_text(["subject", "correct", "total", "accuracy"], rows))
-    report = {"benchmark": args.benchmark, "split": args.split, "shots": args.shots, "ckpt": str(args.ckpt),
-              "subjects": summary, "total": {"correct": total_correct, "total": total, "accuracy": overall},
-              "macro_accuracy": macro, "unlabelled_subjects": unlabelled, "problems": problems}
-    write_text_atomic(out_dir / "summary.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    plot_accuracy(summary, overall, f"{args.benchmark} {args.split}, {args.shots}-shot: {Path(args.ckpt).name}",
-                  chart)
+    write_summary(summary, unlabelled, problems, args, out_dir, chart)
     print(f"summary: {out_dir / 'summary.csv'}, {out_dir / 'summary.json'}; chart: {chart}")
     return 0
 
