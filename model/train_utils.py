@@ -546,6 +546,84 @@ def _deepspeed_engine(args, rt: Runtime, model, optimizer):
     return engine, ds_optimizer
 
 
+def _steps_per_epoch(args, rt: Runtime, sampler, n_samples: int) -> int:
+    steps = sampler.per_rank // (args.batch_size * args.accumulation_steps)
+    if steps == 0:
+        raise UsageError(f"dataset too small: {n_samples} samples over {rt.world_size} rank(s) cannot fill one "
+                         f"step of batch_size {args.batch_size} x accumulation_steps {args.accumulation_steps}")
+    return steps
+
+
+def _param_counts(model) -> tuple[int, int]:
+    """(all parameters, trainable ones)."""
+    params = list(unwrap(model).parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _resume(ckpt, model, optimizer, scaler, strict: bool) -> tuple[int, list, str | None]:
+    """Restore model, optimizer, scaler and RNG from the resume file; (step, history, wandb run id)."""
+    state = ckpt.load()
+    saved_cfg, cfg = state.get("config") or {}, json.loads(json.dumps(_model_config(model), default=str))
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "use_moe"):
+        if key in saved_cfg and key in cfg and saved_cfg[key] != cfg[key]:
+            raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with {key}={saved_cfg[key]}, "
+                                  f"this run has {key}={cfg[key]}")
+    unwrap(model).load_state_dict(state["model"], strict=strict)
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    print0(f"resumed from {ckpt.resume_path} at step {state['step']}")
+    return state["step"], list(state["history"]), state["wandb_id"]
+
+
+def _training_wrappers(args, rt: Runtime, model, optimizer, ckpt, weights_name: str):
+    """(deepspeed engine or None, optimizer, the module to call): deepspeed, or torch.compile and/or DDP."""
+    if rt.deepspeed_config:
+        engine, optimizer = _deepspeed_engine(args, rt, model, optimizer)
+        if args.resume:
+            engine.load_checkpoint(str(ckpt.out_dir / f"{weights_name}_deepspeed"), tag="resume",
+                                   load_module_strict=False)
+        return engine, optimizer, engine
+    train_model = torch.compile(model) if args.compile else model
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return None, optimizer, train_model
+
+
+def _accumulate(train_model, engine, data_iter, rt: Runtime, scaler, log, batches_per_step: int) -> dict:
+    """Forward and backward over one step's micro-batches; returns the last batch."""
+    for micro in range(batches_per_step):
+        batch = _to_device(next(data_iter), rt.device)
+        tokens = batch["input_ids"].numel() * rt.world_size
+        if engine is not None:
+            loss = engine(**batch).loss
+            engine.backward(loss)  # deepspeed averages over accumulation steps itself
+            engine.step()
+            log.micro_batch(loss.detach() / batches_per_step, tokens)
+            continue
+        last = micro == batches_per_step - 1
+        # Skip the gradient all-reduce on all but the last micro-batch: it is wasted work.
+        sync = nullcontext() if (last or not rt.ddp) else train_model.no_sync()
+        with sync, rt.autocast():
+            loss = train_model(**batch).loss / batches_per_step
+        scaler.scale(loss).backward()
+        log.micro_batch(loss.detach(), tokens)
+    return batch
+
+
+def _optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str, collate_fn=None,
           save_state_dict_fn=None, run_name: str | None = None, step_callback=None,
           outputs: dict | None = None) -> list[dict]:
@@ -563,10 +641,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     ckpt = CheckpointManager(args.out_dir, weights_name, rt.is_master, save_state_dict_fn)
     sampler = ShardedSampler(len(dataset), rt.rank, rt.world_size, seed=args.seed, shuffle=True)
     batches_per_step = args.accumulation_steps
-    steps_per_epoch = sampler.per_rank // (args.batch_size * batches_per_step)
-    if steps_per_epoch == 0:
-        raise UsageError(f"dataset too small: {len(dataset)} samples over {rt.world_size} rank(s) cannot fill one "
-                         f"step of batch_size {args.batch_size} x accumulation_steps {args.accumulation_steps}")
+    steps_per_epoch = _steps_per_epoch(args, rt, sampler, len(dataset))
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     min_lr = args.learning_rate * args.min_lr_ratio
     if getattr(dataset, "skipped", 0):
@@ -576,38 +651,11 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     scaler = rt.scaler
     start_step, history, wandb_id = 0, [], None
     if args.resume:
-        state = ckpt.load()
-        saved_cfg, cfg = state.get("config") or {}, json.loads(json.dumps(_model_config(model), default=str))
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "use_moe"):
-            if key in saved_cfg and key in cfg and saved_cfg[key] != cfg[key]:
-                raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with {key}={saved_cfg[key]}, "
-                                 f"this run has {key}={cfg[key]}")
-        unwrap(model).load_state_dict(state["model"], strict=save_state_dict_fn is None)
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        start_step, history, wandb_id = state["step"], list(state["history"]), state["wandb_id"]
-        _set_rng_state(state["rng"])
-        print0(f"resumed from {ckpt.resume_path} at step {start_step}")
-
-    engine = None
-    if rt.deepspeed_config:
-        engine, optimizer = _deepspeed_engine(args, rt, model, optimizer)
-        if args.resume:
-            engine.load_checkpoint(str(ckpt.out_dir / f"{weights_name}_deepspeed"), tag="resume",
-                                   load_module_strict=False)
-        train_model = engine
-    else:
-        train_model = torch.compile(model) if args.compile else model
-        if rt.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        start_step, history, wandb_id = _resume(ckpt, model, optimizer, scaler, strict=save_state_dict_fn is None)
+    engine, optimizer, train_model = _training_wrappers(args, rt, model, optimizer, ckpt, weights_name)
 
     logger = make_logger(args, run_name, {**vars(args), "model": _model_config(model)}, wandb_id)
-    n_params = sum(p.numel() for p in unwrap(model).parameters())
-    n_trainable = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
+    n_params, n_trainable = _param_counts(model)
     print0(f"{run_name}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable), {len(dataset):,} samples, "
            f"{steps_per_epoch:,} steps/epoch, {total_steps:,} steps, world size {rt.world_size}, "
            f"device {rt.device}, dtype {args.dtype}{', deepspeed' if engine else ''}")
@@ -623,39 +671,14 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
         if data_iter is None or data_epoch != epoch:
             # The data position follows from the step alone, so resuming mid-epoch skips exactly what was seen.
             sampler.set_epoch(epoch, start=step_in_epoch * batches_per_step * args.batch_size)
-            loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
-                                num_workers=args.num_workers, pin_memory=rt.device_type == "cuda", drop_last=True,
-                                # its own generator, so worker seeding never draws from the global RNG stream
-                                generator=torch.Generator().manual_seed(args.seed + epoch))
-            data_iter, data_epoch = iter(loader), epoch
+            data_iter, data_epoch = iter(_epoch_loader(args, rt, dataset, sampler, collate_fn, epoch)), epoch
         lr = cosine_lr(step, total_steps, args.warmup_iters, args.learning_rate, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        for micro in range(batches_per_step):
-            batch = _to_device(next(data_iter), rt.device)
-            tokens = batch["input_ids"].numel() * rt.world_size
-            if engine is not None:
-                loss = engine(**batch).loss
-                engine.backward(loss)  # deepspeed averages over accumulation steps itself
-                engine.step()
-                log.micro_batch(loss.detach() / batches_per_step, tokens)
-                continue
-            last = micro == batches_per_step - 1
-            # Skip the gradient all-reduce on all but the last micro-batch: it is wasted work.
-            sync = nullcontext() if (last or not rt.ddp) else train_model.no_sync()
-            with sync, rt.autocast():
-                loss = train_model(**batch).loss / batches_per_step
-            scaler.scale(loss).backward()
-            log.micro_batch(loss.detach(), tokens)
-
+        batch = _accumulate(train_model, engine, data_iter, rt, scaler, log, batches_per_step)
         if engine is None:
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(model, optimizer, scaler, args.grad_clip)
         step += 1
         log.step_done(step, epoch, lr, batch["input_ids"].shape[1])
 
@@ -667,9 +690,21 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
             step_callback(step, history)
 
     if rt.is_master:
-        plot = save_loss_plot(history, Path(args.images_dir) / f"{weights_name}_loss.png", title=run_name)
-        print_outputs({"weights": ckpt.weights_path, "resume state": ckpt.resume_path,
-                       "deepspeed state": ckpt.out_dir / f"{weights_name}_deepspeed" if engine else None,
-                       **(outputs or {}), "loss plot": plot})
+        _closing_outputs(args, ckpt, history, weights_name, run_name, engine is not None, outputs)
     logger.finish()
     return history
+
+
+def _epoch_loader(args, rt: Runtime, dataset, sampler, collate_fn, epoch: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+                      num_workers=args.num_workers, pin_memory=rt.device_type == "cuda", drop_last=True,
+                      # its own generator, so worker seeding never draws from the global RNG stream
+                      generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+def _closing_outputs(args, ckpt, history, weights_name: str, run_name: str, deepspeed: bool, outputs) -> None:
+    """The loss plot, then the closing list of every path the run wrote."""
+    plot = save_loss_plot(history, Path(args.images_dir) / f"{weights_name}_loss.png", title=run_name)
+    print_outputs({"weights": ckpt.weights_path, "resume state": ckpt.resume_path,
+                   "deepspeed state": ckpt.out_dir / f"{weights_name}_deepspeed" if deepspeed else None,
+                   **(outputs or {}), "loss plot": plot})
