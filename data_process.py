@@ -364,8 +364,7 @@ class DPOSink:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@exit_on_usage_error
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
     for stage in ("pretrain", "sft", "dpo"):
@@ -381,7 +380,22 @@ def main(argv=None):
             p.add_argument("--num_perm", type=int, default=128, help="MinHash permutations")
         if stage == "sft":
             p.add_argument("--max_seq_len", type=int, default=512, help="truncate conversations to this many tokens")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def make_sink(args, out: Path, dedup: bool, num_perm: int):
+    """The stage's output writer and the worker function that feeds it."""
+    if args.stage == "pretrain":
+        threshold = args.dedup_threshold if dedup else None
+        return PretrainSink(out, tokenizer_vocab_size(args.tokenizer), threshold, num_perm), pretrain_chunk
+    if args.stage == "sft":
+        return SFTSink(out, tokenizer_vocab_size(args.tokenizer)), sft_chunk
+    return DPOSink(out), dpo_chunk
+
+
+@exit_on_usage_error
+def main(argv=None):
+    args = parse_args(argv)
 
     paths = [Path(p) for p in args.input]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -393,13 +407,7 @@ def main(argv=None):
     dedup = getattr(args, "dedup", False)
     num_perm = getattr(args, "num_perm", 128)
 
-    if args.stage == "pretrain":
-        threshold = args.dedup_threshold if dedup else None
-        sink, work = PretrainSink(out, tokenizer_vocab_size(args.tokenizer), threshold, num_perm), pretrain_chunk
-    elif args.stage == "sft":
-        sink, work = SFTSink(out, tokenizer_vocab_size(args.tokenizer)), sft_chunk
-    else:
-        sink, work = DPOSink(out), dpo_chunk
+    sink, work = make_sink(args, out, dedup, num_perm)
 
     init_args = (args.stage, args.tokenizer, dedup, num_perm, getattr(args, "max_seq_len", None))
     bad, n_bytes, start = [], 0, time.time()
