@@ -7,7 +7,7 @@ import random
 import pytest
 from conftest import TOKENIZER_DIR
 
-from model.chat_prompt import _encode_turns, build_chat_prompt, min_prompt_tokens
+from model.chat_prompt import _encode_turns, _longest_fit, build_chat_prompt, min_prompt_tokens
 from model.checkpoint import load_tokenizer
 from model.dataset import encode_prompt
 from model.serving import LockedTokenizer
@@ -51,22 +51,11 @@ def old_build_prompt(tokenizer, messages, budget):
     def render_cut(n_system, n_question):
         return render(system_text[:n_system], [{"role": "user", "content": question[len(question) - n_question:]}])
 
-    def longest_fit(length, fn):
-        if len(fn(0)) > budget:
-            return None
-        lo, hi = 0, length
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(fn(mid)) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    n_system = longest_fit(len(system_text), lambda k: render_cut(k, len(question)))
+    # The binary search over a text cut is shared with the module (it is not what changed; the window choice is).
+    n_system = _longest_fit(len(system_text), lambda k: render_cut(k, len(question)), budget)
     if n_system is not None:
         return render_cut(n_system, len(question))
-    n_question = longest_fit(len(question), lambda k: render_cut(0, k))
+    n_question = _longest_fit(len(question), lambda k: render_cut(0, k), budget)
     return render_cut(0, n_question or 0)
 
 
