@@ -253,9 +253,9 @@ class PretrainDataset(Dataset):
 
     Documents are separated by their <s> ... </s> tokens. By default attention runs causally across the whole
     window (one fused flash-attention call; the model learns that <s> starts afresh). With `doc_mask=True` each
-    item also gets `position_ids` restarting at 0 for every document and a (1, T, T) block-diagonal causal
-    `attention_mask`, so no token attends across a document boundary; that costs the flash kernel (SDPA falls back
-    to a masked kernel) and T*T bytes per item.
+    item also gets `position_ids` counting from each document's start and `document_ids` (0, 1, ... per document in
+    the window), so the model attends block-diagonally and no token attends across a document boundary (on CUDA
+    under torch.compile through flex_attention's block-sparse kernel, elsewhere SDPA with a dense mask).
     """
 
     def __init__(self, path: str | os.PathLike, seq_len: int, doc_mask: bool = False):
@@ -287,9 +287,7 @@ class PretrainDataset(Dataset):
             positions = np.arange(start, end - 1)
             doc = np.searchsorted(offsets, positions, side="right") - 1
             item["position_ids"] = torch.from_numpy(positions - offsets[doc].astype(np.int64))
-            doc = torch.from_numpy(doc)
-            causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
-            item["attention_mask"] = ((doc[:, None] == doc[None, :]) & causal).unsqueeze(0)
+            item["document_ids"] = torch.from_numpy(doc - doc[0])
         return item
 
 

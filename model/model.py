@@ -24,7 +24,16 @@ try:  # transformers 5: init helpers that skip weights already loaded from a che
 except ImportError:  # pragma: no cover
     hf_init = nn.init
 
+from .grouped_mm import grouped_mm
 from .LMConfig import LMConfig
+
+try:  # torch >= 2.5: block-sparse attention for document masks on CUDA
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    create_block_mask = flex_attention = None
+
+    class BlockMask:  # stands in for isinstance checks
+        pass
 
 
 class RMSNorm(nn.Module):
@@ -175,9 +184,18 @@ class Attention(nn.Module):
         # A branch, not `mask is None and T > 1`: under torch.compile(dynamic=True) that is a SymBool SDPA refuses.
         causal = True if mask is None and T > 1 else False
         dropout_p = self.dropout if self.training else 0.0
-        if self.use_sdpa:
+        gqa = self.n_heads != self.n_kv_heads
+        if isinstance(mask, BlockMask):  # document masks on CUDA under torch.compile (see `_document_mask`)
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif self.use_sdpa:
+            if mask is not None and gqa and q.device.type == "cuda":
+                # On CUDA, SDPA has no fused kernel for an explicit mask together with enable_gqa and falls back to
+                # the math kernel; with the KV heads repeated, the memory-efficient kernel takes the mask.
+                k, v = k.repeat_interleave(self.n_heads // self.n_kv_heads, 1), v.repeat_interleave(
+                    self.n_heads // self.n_kv_heads, 1)
+                gqa = False
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+                                                 enable_gqa=gqa)
         else:
             out = self._matmul_attention(q, k, v, mask, causal, dropout_p)
         out = out.transpose(1, 2).reshape(B, T, -1)
@@ -228,7 +246,8 @@ class MoEGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None):
+        """real: optional (B, T) bool, True on real tokens; the balance loss then averages over those only."""
         B, T, D = x.shape
         scores = F.linear(x.reshape(-1, D), self.weight).float().softmax(dim=-1)  # (B*T, E)
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
@@ -236,52 +255,146 @@ class MoEGate(nn.Module):
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         aux_loss = None
         if self.training and self.alpha > 0:
-            if self.seq_aux:
-                # Per sequence: expected load (mean router prob) times actual load (share of top-k slots), scaled so
-                # that a perfectly balanced router scores alpha.
-                load = torch.zeros(B, self.n_experts, device=x.device)
-                load.scatter_add_(1, topk_idx.view(B, -1), torch.ones(B, T * self.top_k, device=x.device))
-                load = load / (T * self.top_k / self.n_experts)
-                aux_loss = (load * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+            if real is None:
+                aux_loss = self._balance_loss(scores, topk_idx, B, T)
             else:
-                load = F.one_hot(topk_idx.view(-1), num_classes=self.n_experts).float().mean(0) * self.n_experts
-                aux_loss = (scores.mean(0) * load).sum() * self.alpha
+                aux_loss = self._masked_balance_loss(scores, topk_idx, real.reshape(B, T).to(scores.device).float())
         return topk_idx, topk_weight, aux_loss
+
+    def _balance_loss(self, scores, topk_idx, B: int, T: int):
+        if self.seq_aux:
+            # Per sequence: expected load (mean router prob) times actual load (share of top-k slots), scaled so
+            # that a perfectly balanced router scores alpha.
+            load = torch.zeros(B, self.n_experts, device=scores.device)
+            load.scatter_add_(1, topk_idx.view(B, -1), torch.ones(B, T * self.top_k, device=scores.device))
+            load = load / (T * self.top_k / self.n_experts)
+            return (load * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+        load = F.one_hot(topk_idx.view(-1), num_classes=self.n_experts).float().mean(0) * self.n_experts
+        return (scores.mean(0) * load).sum() * self.alpha
+
+    def _masked_balance_loss(self, scores, topk_idx, real: torch.Tensor):
+        """`_balance_loss` over the real tokens only (real: (B, T) float 0/1): padding routes too, but its routing
+        says nothing about the data, so it must not pull the router. All-real input gives `_balance_loss`'s value."""
+        B, T = real.shape
+        slot_real = real.reshape(-1, 1).expand(-1, self.top_k)  # (B*T, k)
+        if self.seq_aux:
+            n_real = real.sum(1)  # (B,)
+            load = torch.zeros(B, self.n_experts, device=scores.device)
+            load.scatter_add_(1, topk_idx.view(B, -1), slot_real.reshape(B, -1))
+            load = load / (n_real.clamp(min=1) * self.top_k / self.n_experts)[:, None]
+            mean_scores = (scores.view(B, T, -1) * real[..., None]).sum(1) / n_real.clamp(min=1)[:, None]
+            has_real = (n_real > 0).float()
+            per_row = (load * mean_scores).sum(dim=1)
+            return (per_row * has_real).sum() / has_real.sum().clamp(min=1) * self.alpha
+        n_real = real.sum().clamp(min=1)
+        load = torch.zeros(self.n_experts, device=scores.device)
+        load.scatter_add_(0, topk_idx.view(-1), slot_real.reshape(-1))
+        load = load / (n_real * self.top_k) * self.n_experts
+        mean_scores = (scores * real.reshape(-1, 1)).sum(0) / n_real
+        return (mean_scores * load).sum() * self.alpha
+
+
+# Up to this many tokens per forward (decoding, small batches) every expert runs on every token, weighted by its
+# routing weight (0 where not chosen): no weight stacking, no sort, the same numbers. Above it, one grouped GEMM
+# per projection over the tokens sorted by expert. Either way nothing depends on the routing on the host.
+DENSE_MOE_TOKENS = 32
+
+
+def _routing_is_free_to_read(x: torch.Tensor) -> bool:
+    """Eager CPU inference: the routing already sits in host memory, so reading the per-expert counts costs no
+    device sync, and looping over the busy experts only is the least work. Training (autograd: every expert must
+    get a gradient), CUDA (a real sync) and traced graphs (no Python on data) use the sync-free dispatch."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in (custom ops are not autocast), else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class MoEFeedForward(nn.Module):
+    """Routed experts (+ an optional shared expert), dispatched without reading the routing on the host: no
+    `.tolist()`, no data-dependent Python control flow, so one graph under torch.compile and no host sync."""
+
     def __init__(self, config: LMConfig):
         super().__init__()
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_routed_experts))
         self.gate = MoEGate(config)
         self.shared_experts = FeedForward(config) if config.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None):
         B, T, D = x.shape
-        topk_idx, topk_weight, aux_loss = self.gate(x)
+        topk_idx, topk_weight, aux_loss = self.gate(x, real)
         flat = x.reshape(-1, D)
-        # Group (token, slot) pairs by expert so each expert runs one dense matmul over its tokens.
-        flat_idx = topk_idx.reshape(-1)
-        order = flat_idx.argsort(stable=True)
-        token_of = order // topk_idx.shape[1]
-        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        start = 0
-        skip_empty = not torch.is_grad_enabled()
-        for expert, count in zip(self.experts, counts):
-            # Experts with no tokens still run on an empty batch, so every parameter gets a (zero) gradient and DDP
-            # does not wait for gradients that never come. Without autograd an empty expert adds nothing: skip it.
-            if skip_empty and count == 0:
-                continue
-            slots, tokens = order[start:start + count], token_of[start:start + count]
-            start += count
-            y = expert(flat[tokens]) * topk_weight.reshape(-1)[slots].unsqueeze(-1)
-            out.index_add_(0, tokens, y if y.dtype == torch.float32 else y.float())
+        if _routing_is_free_to_read(flat):
+            out = self._chosen_experts(flat, topk_idx, topk_weight)
+        elif flat.shape[0] <= DENSE_MOE_TOKENS or not self._plain_experts():
+            out = self._every_expert(flat, topk_idx, topk_weight)
+        else:
+            out = self._grouped(flat, topk_idx, topk_weight)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(B, T, D), aux_loss
+
+    def _plain_experts(self) -> bool:
+        """The grouped GEMM reads the experts' weight matrices directly; wrapped projections (LoRA adapters) must
+        run as modules instead."""
+        e = self.experts[0]
+        return type(e.w1) is nn.Linear and type(e.w2) is nn.Linear and type(e.w3) is nn.Linear
+
+    def _chosen_experts(self, flat, topk_idx, topk_weight):
+        """Each expert on exactly its own tokens, idle experts skipped (CPU inference only, see
+        `_routing_is_free_to_read`): half the work of `_every_expert` when decoding top-2 of 4."""
+        flat_idx = topk_idx.reshape(-1)
+        order = flat_idx.argsort(stable=True)
+        token_of = order // topk_idx.shape[1]
+        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count == 0:
+                continue
+            slots, tokens = order[start:start + count], token_of[start:start + count]
+            start += count
+            y = expert(flat[tokens]) * topk_weight.reshape(-1)[slots].unsqueeze(-1)
+            out.index_add_(0, tokens, y if y.dtype == torch.float32 else y.float())
+        return out
+
+    def _every_expert(self, flat, topk_idx, topk_weight):
+        """Σ_e weight_e(token) · expert_e(token) over every expert (weight 0 where e was not chosen). Every expert
+        runs, so each gets a gradient (DDP waits for all of them), and it works with adapted experts."""
+        E = len(self.experts)
+        weights = torch.zeros(flat.shape[0], E, dtype=torch.float32, device=flat.device)
+        weights.scatter_(1, topk_idx, topk_weight.float())
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(flat) * weights[:, e:e + 1]
+        return out
+
+    def _grouped(self, flat, topk_idx, topk_weight):
+        """(token, slot) pairs sorted by expert; each projection is one grouped GEMM over the sorted rows."""
+        E, k = len(self.experts), topk_idx.shape[1]
+        flat_idx = topk_idx.reshape(-1)
+        order = flat_idx.argsort(stable=True)
+        token_of = order // k
+        counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat_idx,
+                                                                                 torch.ones_like(flat_idx))
+        offs = counts.cumsum(0).to(torch.int32)
+        dtype = _compute_dtype(flat)
+        rows = flat[token_of].to(dtype)
+        # (E, in, out) weights, stacked each forward: a copy of the expert weights (small next to the activations
+        # of a training batch), through which autograd reaches every expert's own nn.Linear weight.
+        w1, w2, w3 = (torch.stack([getattr(e, name).weight.t() for e in self.experts]).to(dtype)
+                      for name in ("w1", "w2", "w3"))
+        hidden = F.silu(grouped_mm(rows, w1, offs)) * grouped_mm(rows, w3, offs)
+        y = _dropout(self.experts[0].dropout, grouped_mm(hidden, w2, offs))
+        y = y.float() * topk_weight.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros(flat.shape, dtype=torch.float32, device=flat.device).index_add_(0, token_of, y)
 
 
 class TransformerBlock(nn.Module):
@@ -292,12 +405,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, rope, mask, cache):
+    def forward(self, x, rope, mask, cache, real=None):
         h = x + self.attention(self.attention_norm(x), rope, mask, cache)
-        ff = self.feed_forward(self.ffn_norm(h))
-        aux = None
-        if isinstance(ff, tuple):
-            ff, aux = ff
+        if isinstance(self.feed_forward, MoEFeedForward):
+            ff, aux = self.feed_forward(self.ffn_norm(h), real)
+        else:
+            ff, aux = self.feed_forward(self.ffn_norm(h)), None
         return h + ff, aux
 
 
@@ -368,6 +481,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MiniMindCausalLMOutput:
         """Logits for every position (or the last `logits_to_keep`), and the loss when labels are given.
@@ -375,8 +490,12 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         labels:  transformers' convention, aligned with input_ids; the model shifts them by one.
         targets: v1's convention, already the next token for each position (no shift).
         Either way, -100 marks positions without loss.
-        attention_mask: (B, past+T) with 0 for padding, or a ready boolean (B, 1, T, past+T) mask where True means
-            "may attend" (e.g. block-diagonal masks for packed documents).
+        attention_mask: (B, past+T) with 0 for padding (any side), or a ready boolean (B, 1, T, past+T) mask where
+            True means "may attend".
+        document_ids: (B, T) for packed documents (no cache): a token attends only to earlier tokens with the same
+            id, and RoPE positions restart at each document (unless position_ids are given); -1 marks padding.
+        token_mask: (B, T), 1 on real tokens, for right-padded batches: attention stays plain causal (exact for
+            every real token, as padding only follows them) and the MoE balance loss counts only real tokens.
         """
         # transformers 5.x's GenerationMixin passes the cache as `cache=`; 4.x (and trl/peft) as `past_key_values=`.
         if past_key_values is None:
@@ -388,14 +507,21 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         cache = past_key_values
         past = cache.get_seq_length() if cache is not None else 0
 
-        mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, h.device)
+        if document_ids is not None:
+            if past:
+                raise ValueError("document_ids describe a whole packed sequence; they cannot follow a KV cache")
+            mask, position_ids = _document_mask_and_positions(document_ids.to(h.device), position_ids,
+                                                              self.training and self.config.dropout > 0)
+        else:
+            mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, h.device)
+        real = _real_tokens(document_ids, attention_mask, token_mask, T) if self.config.use_moe else None
         rope = rope_tables(*rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                          self.config.rope_scaling_factor))
 
         h = _dropout(self.dropout, h)
         aux_total = None
         for layer in self.layers:
-            h, aux = layer(h, rope, mask, cache)
+            h, aux = layer(h, rope, mask, cache, real)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         h = self.norm(h)
@@ -435,13 +561,14 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
 def _mask_and_positions(attention_mask, position_ids, B: int, T: int, past: int, device):
     """forward's attention mask (None = plain causal) and RoPE positions.
 
-    A 4D boolean mask is used as given; a 2D padding mask with real padding becomes a padded causal mask (positions
-    count only real tokens); queries after a cached prefix get an explicit causal mask.
+    A 4D boolean mask is used as given; a 2D padding mask becomes a padded causal mask (positions count only real
+    tokens) whatever it holds: deciding "no padding here" would read the mask on the host (a sync, and a graph
+    break under torch.compile). Queries after a cached prefix get an explicit causal mask.
     """
     mask = None
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask.to(device=device, dtype=torch.bool)
-    elif attention_mask is not None and not bool(attention_mask.all()):
+    elif attention_mask is not None:
         pad = attention_mask.to(device=device, dtype=torch.bool)
         if position_ids is None:
             position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -451,6 +578,48 @@ def _mask_and_positions(attention_mask, position_ids, B: int, T: int, past: int,
     if position_ids is None:
         position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
     return mask, position_ids
+
+
+def _document_positions(doc: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions restarting at 0 wherever the document id changes: index minus the index of the run's first
+    token (a running max of the run starts), all on the device."""
+    B, T = doc.shape
+    index = torch.arange(T, device=doc.device).expand(B, T)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def use_flex_attention(device: torch.device, dropout: bool) -> bool:
+    """Document masks go through flex_attention's block-sparse kernel on CUDA when compiled (eager flex_attention
+    is a slow reference implementation); it has no dropout. Elsewhere: SDPA with the dense boolean mask."""
+    return (flex_attention is not None and device.type == "cuda" and torch.compiler.is_compiling()
+            and not dropout)
+
+
+def _document_mask_and_positions(doc: torch.Tensor, position_ids, dropout: bool):
+    """Block-diagonal causal attention for packed documents, and positions restarting per document."""
+    if position_ids is None:
+        position_ids = _document_positions(doc)
+    B, T = doc.shape
+    if use_flex_attention(doc.device, dropout):
+        def same_document(b, h, q, k):
+            return (doc[b, q] == doc[b, k]) & (k <= q)
+
+        return create_block_mask(same_document, B, None, T, T, device=doc.device), position_ids
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1), position_ids
+
+
+def _real_tokens(document_ids, attention_mask, token_mask, T: int):
+    """(B, T) bool of the real (non-padding) input tokens, for the MoE balance loss; None when all are real."""
+    if document_ids is not None:
+        return document_ids >= 0
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask[:, -T:].bool()
+    if token_mask is not None:
+        return token_mask.bool()
+    return None
 
 
 def _lm_loss(logits, labels, targets, num_items_in_batch):
