@@ -19,10 +19,10 @@ import argparse
 from pathlib import Path
 
 from model.checkpoint import load_model, read_stage_input
-from model.dataset import SFTDataset
 from model.errors import UsageError, exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
 from model.lora import DEFAULT_TARGETS, adapter_state_dict, add_lora, merged_state_dict, save_adapter
+from model.packing import add_packing_arg, load_sft_data
 from model.train_utils import add_train_args, compute_cleanup, compute_init, print0, train
 
 ROOT = Path(__file__).resolve().parent
@@ -38,10 +38,11 @@ def main(argv=None):
     parser.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS),
                         help="module names to adapt (never tok_embeddings/output)")
     parser.add_argument("--merge", action="store_true", help="also save the merged model as a v1 .pth")
+    add_packing_arg(parser)
     add_model_args(parser)
     # Adapters start at zero and are few, so they take a higher LR than full fine-tuning, and no weight decay.
     add_train_args(parser, data_path=str(ROOT / "dataset" / "sft_data.bin"), learning_rate=1e-3, weight_decay=0.0,
-                   batch_size=32, epochs=1, save_interval=1000)
+                   batch_size=8, epochs=1, save_interval=1000)
     args = parser.parse_args(argv)
     rt = compute_init(args)
 
@@ -54,7 +55,8 @@ def main(argv=None):
     except ValueError as err:
         raise UsageError(str(err)) from None
     print0(f"LoRA rank {args.lora_rank} alpha {args.lora_alpha} on {' '.join(args.lora_targets)} over {init}")
-    dataset = SFTDataset(args.data_path, config.max_seq_len)
+    dataset, data_line = load_sft_data(args.data_path, config.max_seq_len, packed=not args.no_packing)
+    print0(data_line)
 
     name = f"lora_sft_{config.file_suffix}"
     adapter_dir = Path(args.out_dir) / name

@@ -15,17 +15,18 @@ rendered with the chat template up to "<s>assistant\\n", and each answer as "{co
 trl (pinned >=1.0,<2) does the batching, the loss and the optimizer; model/dpo.py adapts it to MiniMind. trl's
 Trainer launches its own distributed setup from the torchrun environment, so this script does not call the
 shared `compute_init`; it does write the same files: out/rl_{dim}{_moe}.pth (a plain v1 state dict, written
-atomically), the loss curve in images/, and trainer checkpoints for --resume in out/rl_{dim}{_moe}_trainer/.
+atomically), the loss curve in images/, one JSON line per log step in out/rl_{dim}{_moe}_metrics.jsonl, and
+trainer checkpoints for --resume in out/rl_{dim}{_moe}_trainer/. --val_fraction of the pairs are held out for the
+validation loss (val_loss), every --eval_interval steps and at the end.
 """
 
 import argparse
 import copy
 import math
 import os
-import time
 from pathlib import Path
 
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 from trl import DPOConfig
 
@@ -38,10 +39,19 @@ from model.checkpoint import (
     save_weights,
 )
 from model.dataset import load_dpo_records
-from model.dpo import MiniMindDPOTrainer, MiniMindForDPO, records_to_dataset
+from model.dpo import (
+    DPOLogLines,
+    MiniMindDPOTrainer,
+    MiniMindForDPO,
+    dpo_eval_steps,
+    last_checkpoint_step,
+    records_to_dataset,
+    split_pairs,
+)
 from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
 from model.lora import DEFAULT_TARGETS, lora_config, merged_state_dict, save_adapter
+from model.run_metrics import MetricsFile
 from model.train_utils import (
     LOG_EVERY_S,
     add_train_args,
@@ -52,36 +62,6 @@ from model.train_utils import (
 )
 
 ROOT = Path(__file__).resolve().parent
-
-
-class LogLines(TrainerCallback):
-    """One line per logging step on rank 0 (instead of the Trainer's dicts), and the history for the loss plot."""
-
-    def __init__(self):
-        self.history = []
-        self.t_line = time.time()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.t_line = time.time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # The Trainer logs every logging_steps only; the last step always gets its line too, as in train_utils.train.
-        if state.global_step >= state.max_steps:
-            control.should_log = True
-        # And a line whenever LOG_EVERY_S pass without one. Single process only: a log makes the Trainer gather the
-        # loss from every rank, and the ranks' clocks would not agree on when.
-        elif args.world_size == 1 and time.time() - self.t_line >= LOG_EVERY_S:
-            control.should_log = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        self.t_line = time.time()
-        self.history.append({"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0)})
-        print(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-              f"margin {logs.get('rewards/margins', 0.0):.4f} | acc {logs.get('rewards/accuracies', 0.0):.2f} | "
-              f"chosen {logs.get('rewards/chosen', 0.0):.4f} | rejected {logs.get('rewards/rejected', 0.0):.4f} | "
-              f"lr {logs.get('learning_rate', 0.0):.2e}", flush=True)
 
 
 def parse_args(argv=None):
@@ -111,8 +91,10 @@ def dpo_steps(args, n_pairs: int) -> int:
     return args.epochs * math.ceil(n_pairs / (args.batch_size * args.accumulation_steps * world))
 
 
-def make_dpo_config(args, config, device: str, n_pairs: int) -> DPOConfig:
+def make_dpo_config(args, config, device: str, n_pairs: int, validate: bool) -> DPOConfig:
     """trl's settings from our flags (the same flags and defaults as the other training scripts)."""
+    total_steps = dpo_steps(args, n_pairs)
+    logging_steps = resolve_log_interval(args, total_steps)
     # trl turns checkpointing on by default; MiniMind does not implement it (the models are small). transformers 5
     # renamed the field and warns on the old name, which transformers 4 still needs.
     name = "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ \
@@ -132,7 +114,11 @@ def make_dpo_config(args, config, device: str, n_pairs: int) -> DPOConfig:
         gradient_accumulation_steps=args.accumulation_steps,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps > 0 else -1,
-        logging_steps=resolve_log_interval(args, dpo_steps(args, n_pairs)),
+        logging_steps=logging_steps,
+        eval_strategy="steps" if validate else "no",
+        eval_steps=dpo_eval_steps(args.eval_interval, total_steps, logging_steps) if validate else None,
+        per_device_eval_batch_size=args.batch_size,
+        pad_to_multiple_of=None,  # to the longest row of each batch ("auto" would pick 128 on Neuron devices)
         save_strategy="steps",
         save_steps=args.save_interval,
         save_total_limit=1,
@@ -162,7 +148,8 @@ def main(argv=None):
     ckpt = read_stage_input(args.init, out_dir, "full_sft", model_flags(args))  # the shape comes from the file
     init = ckpt.path
     config, suffix = ckpt.config, ckpt.config.file_suffix
-    dataset = records_to_dataset(load_dpo_records(args.data_path))
+    train_set, val_set = split_pairs(records_to_dataset(load_dpo_records(args.data_path)), args.val_fraction,
+                                     args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
 
     policy = MiniMindForDPO(config)
@@ -175,19 +162,24 @@ def main(argv=None):
 
     if args.use_wandb:
         os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
-    dpo_args = make_dpo_config(args, config, device, len(dataset))
-    trainer = MiniMindDPOTrainer(model=policy, ref_model=ref_model, args=dpo_args, train_dataset=dataset,
-                                 processing_class=tokenizer, peft_config=peft_config)
+    dpo_args = make_dpo_config(args, config, device, len(train_set), validate=val_set is not None)
+    trainer = MiniMindDPOTrainer(model=policy, ref_model=ref_model, args=dpo_args, train_dataset=train_set,
+                                 eval_dataset=val_set, processing_class=tokenizer, peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     # Each trainer checkpoint would also draw a one-shard "Writing model shards" progress bar into the log.
     hf_logging.disable_progress_bar()
-    log = LogLines()
+    resume_step = last_checkpoint_step(dpo_args.output_dir) if args.resume else None
+    metrics = MetricsFile(out_dir / f"rl_{suffix}_metrics.jsonl", resume_step=resume_step, is_master=is_master)
+    log = DPOLogLines(metrics, LOG_EVERY_S)
     trainer.add_callback(log)
     if is_master:
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        print(f"DPO on {len(dataset):,} pairs from {init}: beta {args.beta}, max_length {dpo_args.max_length}, "
-              f"{n_train / 1e6:.2f}M trainable params{' (LoRA)' if args.use_lora else ''}, device {device}, "
+        every = f"val_loss every {dpo_args.eval_steps} steps"
+        held_out = "" if val_set is None else f" (+{len(val_set):,} held out, {every})"
+        lora = " (LoRA)" if args.use_lora else ""
+        print(f"DPO on {len(train_set):,} pairs{held_out} from {init}: beta {args.beta}, "
+              f"max_length {dpo_args.max_length}, {n_train / 1e6:.2f}M trainable params{lora}, device {device}, "
               f"dtype {args.dtype}, world size {dpo_args.world_size}, {log_interval_note(dpo_args.logging_steps)}",
               flush=True)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
@@ -203,7 +195,7 @@ def main(argv=None):
         path = save_weights(state, out_dir / f"rl_{suffix}.pth", config)
         plot = save_loss_plot(log.history, Path(args.images_dir) / f"rl_{suffix}_loss.png", title=f"DPO rl_{suffix}")
         print_outputs({"weights": path, "adapter (peft)": lora_dir, "resume state": Path(dpo_args.output_dir),
-                       "loss plot": plot})
+                       "loss plot": plot, "metrics": metrics.path})
     trainer.accelerator.wait_for_everyone()
 
 

@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .dataset import ShardedSampler
 from .errors import UsageError
+from .run_metrics import MetricsFile, holdout_split
 
 IMAGES_DIR = ROOT_DIR / "images"
 DEFAULT_DS_CONFIG = ROOT_DIR / "ds_config_zero2.json"
@@ -76,6 +77,11 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     g.add_argument("--log_interval", type=int, default=None,
                    help=f"log every N steps (default: about {LOG_LINES_PER_RUN} lines per run); a progress line is "
                         f"also printed whenever {LOG_EVERY_S:.0f} s pass without one")
+    g.add_argument("--val_fraction", type=float, default=0.005,
+                   help="share of the items (windows, packed conversations, pairs) held out for the validation loss; "
+                        "at least one when > 0, none at 0")
+    g.add_argument("--eval_interval", type=int, default=0,
+                   help="validation loss every N steps and at the end (0: about 10 times per run)")
     g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     g.add_argument("--resume", action="store_true", help="continue exactly from out_dir's resume file")
     g.add_argument("--seed", type=int, default=1337)
@@ -282,62 +288,138 @@ def log_interval_note(interval: int) -> str:
     return f"logging {every} (and at least every {LOG_EVERY_S:.0f} s)"
 
 
-class StepLogger:
-    """The training loop's log: a line every `interval` optimizer steps and at the last step, and a progress line
-    whenever `every_s` seconds pass without any line (so a slow run is never silent for long).
+def loss_item_count(batch: dict) -> torch.Tensor:
+    """The positions of a batch that carry loss (a device tensor, so counting never waits for the GPU): labels are
+    shifted by the model, so their first column never counts; targets are already shifted."""
+    if batch.get("labels") is not None:
+        return (batch["labels"][:, 1:] != -100).sum()
+    if batch.get("targets") is not None:
+        return (batch["targets"] != -100).sum()
+    raise ValueError("a training batch needs labels or targets")
 
-    Only the interval lines close a loss window and go into `history` (and wandb). The progress lines are printed
-    and nothing else: the history then depends on the step count alone, so a run killed and resumed records exactly
-    the same history as one that never stopped, however long its steps took.
+
+def real_token_count(batch: dict) -> torch.Tensor:
+    """The real (non-padding) tokens of a batch, as a device tensor: document_ids >= 0, else a 2D attention_mask
+    (a 4D one is a ready mask, not padding), else token_mask, else every position."""
+    if batch.get("document_ids") is not None:
+        return (batch["document_ids"] >= 0).sum()
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.sum()
+    if batch.get("token_mask") is not None:
+        return batch["token_mask"].sum()
+    ids = batch["input_ids"]
+    # A fill on the device rather than a host-to-device copy of the number.
+    return torch.full((), ids.numel(), dtype=torch.long, device=ids.device)
+
+
+def _scalar(value) -> float | None:
+    """A logged number as a float (reading a device tensor here, at log time only), None when absent."""
+    if value is None:
+        return None
+    return value.item() if torch.is_tensor(value) else float(value)
+
+
+class StepLogger:
+    """The training loop's log: a line every `interval` optimizer steps, at each validation and at the last step,
+    and a progress line whenever `every_s` seconds pass without any line (so a slow run is never silent for long).
+
+    Only the interval lines close a loss window and go into `history`, wandb and the metrics file. The progress lines
+    are printed and nothing else: the history then depends on the step count alone, so a run killed and resumed
+    records exactly the same history as one that never stopped, however long its steps took.
+
+    Tokens/s and MFU count real tokens only (padding excluded, see `real_token_count`); the counts stay on the device
+    until a line is printed.
     """
 
     def __init__(self, rt: Runtime, model, total_steps: int, interval: int, start_step: int, history: list,
-                 logger, every_s: float | None = None, clock=None):
+                 logger, every_s: float | None = None, clock=None, metrics=None, steps_per_epoch: int | None = None):
         self.rt, self.total_steps, self.interval, self.start_step = rt, total_steps, interval, start_step
-        self.history, self.logger = history, logger
+        self.history, self.logger, self.metrics, self.steps_per_epoch = history, logger, metrics, steps_per_epoch
         # Looked up per run rather than bound as defaults, so a test can shorten LOG_EVERY_S or fake the clock.
         self.every_s = LOG_EVERY_S if every_s is None else every_s
         self.clock = clock or time.time
         self.flops_fn = getattr(unwrap(model), "flops_per_token", None)
         self.peak = peak_flops(rt.device)
         self.loss_sum = torch.zeros((), device=rt.device)  # on the device: no host sync per micro-batch
-        self.window_steps = self.tokens = 0
+        self.real_tokens = torch.zeros((), dtype=torch.long, device=rt.device)
+        self.window_steps = self.positions = 0
         self.t_start = self.t_line = self.clock()
 
-    def micro_batch(self, loss: torch.Tensor, tokens: int):
-        """One micro-batch: its detached loss, already divided by the accumulation steps, and its tokens (all ranks)."""
+    def micro_batch(self, loss: torch.Tensor, real_tokens: torch.Tensor, positions: int):
+        """One micro-batch of this rank: its detached loss (its share of the step's loss), its real tokens (a device
+        tensor) and its positions (input_ids.numel(), padding included)."""
         self.loss_sum += loss
-        self.tokens += tokens
+        self.real_tokens += real_tokens.long()
+        self.positions += positions
 
-    def step_done(self, step: int, epoch: int, lr: float, seq_len: int):
+    def exclude(self, seconds: float):
+        """Leave `seconds` (a validation pass) out of the tokens/s of the current line."""
+        self.t_line += seconds
+
+    def step_done(self, step: int, epoch: int, lr: float, seq_len: int, grad_norm=None, val_loss: float | None = None):
         self.window_steps += 1
-        if step % self.interval == 0 or step == self.total_steps:
-            loss = self.loss_sum / self.window_steps
-            if self.rt.ddp:  # average over ranks (SUM then divide: gloo has no AVG)
-                dist.all_reduce(loss)
-                loss = loss / self.rt.world_size
-            record = self._print(step, epoch, lr, loss.item(), seq_len)
-            self.history.append({"step": step, "loss": record["loss"], "lr": lr})
-            self.logger.log(record, step=step)
-            self.loss_sum.zero_()
-            self.window_steps = 0
+        if step % self.interval == 0 or step == self.total_steps or val_loss is not None:
+            self._interval_line(step, epoch, lr, seq_len, grad_norm, val_loss)
         elif self.rt.is_master and self.clock() - self.t_line >= self.every_s:
-            # Rank 0's own loss: an all_reduce here would hang, as the ranks' clocks never agree on when to call it.
+            # Rank 0's own figures (tokens times the world size): an all_reduce here would hang, as the ranks'
+            # clocks never agree on when to call it.
+            w = self.rt.world_size
             self._print(step, epoch, lr, (self.loss_sum / self.window_steps).item(), seq_len,
+                        self.real_tokens.item() * w, self.positions * w, grad_norm,
                         note=" (rank 0)" if self.rt.ddp else "")
 
-    def _print(self, step: int, epoch: int, lr: float, loss: float, seq_len: int, note: str = "") -> dict:
+    def _interval_line(self, step: int, epoch: int, lr: float, seq_len: int, grad_norm, val_loss):
+        loss = self.loss_sum / self.window_steps
+        counts = torch.stack([self.real_tokens, torch.full_like(self.real_tokens, self.positions)])
+        if self.rt.ddp:  # loss averaged over ranks (SUM then divide: gloo has no AVG), tokens summed
+            dist.all_reduce(loss)
+            loss = loss / self.rt.world_size
+            dist.all_reduce(counts)
+        real, positions = counts.tolist()
+        record = self._print(step, epoch, lr, loss.item(), seq_len, real, positions, grad_norm, val_loss=val_loss)
+        entry = {"step": step, "loss": record["loss"], "lr": lr}
+        if val_loss is not None:
+            entry["val_loss"] = val_loss
+        self.history.append(entry)
+        self.logger.log(record, step=step)
+        if self.metrics is not None:
+            self.metrics.log(self._metrics_record(record, epoch))
+        self.loss_sum.zero_()
+        self.window_steps = 0
+
+    def _metrics_record(self, record: dict, epoch: int) -> dict:
+        """The metrics file's line: fixed keys (null when unknown), val_loss only where computed; epoch as the
+        fraction of epochs done, like trl's logs."""
+        step = record["step"]
+        line = {"step": step, "epoch": step / self.steps_per_epoch if self.steps_per_epoch else epoch + 1,
+                "loss": record["loss"]}
+        if "val_loss" in record:
+            line["val_loss"] = record["val_loss"]
+        line.update({k: record.get(k) for k in ("lr", "tokens_per_s", "padding_share", "mfu", "grad_norm")})
+        return line
+
+    def _print(self, step: int, epoch: int, lr: float, loss: float, seq_len: int, real: int, positions: int,
+               grad_norm=None, val_loss: float | None = None, note: str = "") -> dict:
         now = self.clock()
-        tok_s = self.tokens / max(now - self.t_line, 1e-9)
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s}
-        msg = f"step {step}/{self.total_steps} (epoch {epoch + 1}) | loss {loss:.4f}{note} | lr {lr:.2e} | " \
-              f"{tok_s:,.0f} tok/s"
+        tok_s = real / max(now - self.t_line, 1e-9)
+        pad = 1.0 - real / positions if positions else 0.0
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "padding_share": pad}
+        msg = f"step {step}/{self.total_steps} (epoch {epoch + 1}) | loss {loss:.4f}{note}"
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+            msg += f" | val_loss {val_loss:.4f}"
+        msg += f" | lr {lr:.2e} | {tok_s:,.0f} tok/s | pad {100 * pad:.1f}%"
+        if (norm := _scalar(grad_norm)) is not None:
+            record["grad_norm"] = norm
+            msg += f" | grad_norm {norm:.3f}"
         if self.flops_fn is not None and self.peak is not None:
             record["mfu"] = self.flops_fn(seq_len) * tok_s / (self.peak * self.rt.world_size)
             msg += f" | MFU {100 * record['mfu']:.1f}%"
         eta = (now - self.t_start) / (step - self.start_step) * (self.total_steps - step)
         print0(msg + f" | ETA {eta / 60:.1f} min")
-        self.tokens, self.t_line = 0, now
+        self.real_tokens.zero_()
+        self.positions, self.t_line = 0, now
         return record
 
 
@@ -350,7 +432,7 @@ def print_outputs(paths: dict) -> None:
         print0("wrote:\n" + "\n".join(f"  {name:<{width}}  {path}" for name, path in written.items()))
 
 
-LOSS_COLOUR, LR_COLOUR = "tab:blue", "tab:orange"
+LOSS_COLOUR, LR_COLOUR, VAL_COLOUR = "tab:blue", "tab:orange", "tab:green"
 MARKERS_UP_TO = 20  # points per curve: beyond this, markers would blur the line rather than show the samples
 LOSS_BAND, LR_BAND = (0.42, 0.95), (0.04, 0.32)  # fractions of the plot's height each curve is scaled to fill
 FULL_BAND = (0.05, 0.95)  # the loss alone, when the history has no LR
@@ -380,8 +462,9 @@ def _fit_band(ax, values: list[float], band: tuple[float, float], floor: float |
 
 
 def save_loss_plot(history: list[dict], path: str | os.PathLike, title: str = "training loss") -> Path | None:
-    """Write the loss curve as a PNG: loss against step (left axis, upper band) and, when the history has it, the
-    learning rate on its own right-hand axis (lower band, from 0), one legend for both. None when nothing to plot."""
+    """Write the loss curve as a PNG: loss against step (left axis, upper band) with the validation loss where the
+    history has one (same axis and band), and, when the history has it, the learning rate on its own right-hand axis
+    (lower band, from 0), one legend for all. None when nothing to plot."""
     if not history:
         return None
     import matplotlib
@@ -404,8 +487,12 @@ def save_loss_plot(history: list[dict], path: str | os.PathLike, title: str = "t
     if len(set(steps)) == 1:  # a single step: centre it instead of matplotlib's +-5% of the step number
         ax.set_xlim(steps[0] - 1, steps[0] + 1)
     ax.grid(alpha=0.3)
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if val:  # evaluated on fewer steps than logged: markers always, dashed between them
+        lines += ax.plot(*zip(*val), color=VAL_COLOUR, linestyle="--", marker="s", markersize=4,
+                         label=f"val loss (last {val[-1][1]:.4f})")
     has_lr = all("lr" in h for h in history)
-    _fit_band(ax, losses, LOSS_BAND if has_lr else FULL_BAND)
+    _fit_band(ax, losses + [v for _, v in val], LOSS_BAND if has_lr else FULL_BAND)
     if has_lr:
         ax2 = ax.twinx()
         lrs = [h["lr"] for h in history]
@@ -462,7 +549,8 @@ def _tuples_to_lists(obj):
 class CheckpointManager:
     """out/{weights_name}.pth: the weights alone, a plain v1 state dict (what every other script loads).
     out/{weights_name}.resume.pt: weights again plus everything `--resume` needs to continue exactly: optimizer,
-    GradScaler, step, epoch and position in it, RNG states, model config, run flags, wandb run id, loss history.
+    GradScaler, step, epoch and position in it, RNG states, model config, run flags, wandb run id, loss history,
+    the held-out split (val_indices).
     Both are written atomically; the weights inside the resume file are what resume loads, so the two files can
     never disagree mid-save.
     """
@@ -481,8 +569,10 @@ class CheckpointManager:
         return clean_state_dict(model.state_dict())
 
     def save(self, model, optimizer, scaler, step: int, epoch: int, position: int, config: dict, args,
-             wandb_id: str | None = None, history: list | None = None, deepspeed_engine=None) -> None:
-        """Call on every rank (deepspeed gathers optimizer state collectively); only rank 0 writes the files."""
+             wandb_id: str | None = None, history: list | None = None, deepspeed_engine=None,
+             extra: dict | None = None) -> None:
+        """Call on every rank (deepspeed gathers optimizer state collectively); only rank 0 writes the files.
+        `extra` adds entries to the resume file (the training loop's held-out split)."""
         if deepspeed_engine is not None:
             deepspeed_engine.save_checkpoint(str(self.out_dir / f"{self.weights_path.stem}_deepspeed"),
                                              tag="resume")
@@ -503,6 +593,7 @@ class CheckpointManager:
             "args": json.loads(json.dumps(vars(args), default=str)),
             "wandb_id": wandb_id,
             "history": history or [],
+            **(extra or {}),
         }
         atomic_save(state, self.resume_path)
 
@@ -546,12 +637,105 @@ def _deepspeed_engine(args, rt: Runtime, model, optimizer):
     return engine, ds_optimizer
 
 
-def _steps_per_epoch(args, rt: Runtime, sampler, n_samples: int) -> int:
+def _steps_per_epoch(args, rt: Runtime, sampler, n_samples: int, n_held_out: int = 0) -> int:
     steps = sampler.per_rank // (args.batch_size * args.accumulation_steps)
     if steps == 0:
-        raise UsageError(f"dataset too small: {n_samples} samples over {rt.world_size} rank(s) cannot fill one "
+        held = f" (after holding out {n_held_out} for validation; lower --val_fraction)" if n_held_out else ""
+        raise UsageError(f"dataset too small: {n_samples} samples{held} over {rt.world_size} rank(s) cannot fill one "
                          f"step of batch_size {args.batch_size} x accumulation_steps {args.accumulation_steps}")
     return steps
+
+
+class _Items(torch.utils.data.Dataset):
+    """`dataset` restricted to `indices` (the training items once the held-out ones are set aside, or one rank's
+    share of those). Other attributes (`skipped`, ...) are the wrapped dataset's, which callers and the loop read."""
+
+    def __init__(self, dataset, indices):
+        self.dataset = dataset
+        # One array rather than a list of Python ints, which every DataLoader worker would copy page by page.
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[int(self.indices[i])]
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("dataset", "indices"):  # unpickling in a worker asks before __init__
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _holdout(args, dataset, state: dict | None) -> tuple[object, list[int]]:
+    """(the items to train on, the held-out indices). A resumed run keeps the split its resume file saved rather
+    than recomputing it (under another --val_fraction or seed it would differ), so it validates on the same items."""
+    n = len(dataset)
+    if state is not None and state.get("val_indices") is not None:
+        val_idx = [int(i) for i in state["val_indices"]]
+        if val_idx and (min(val_idx) < 0 or max(val_idx) >= n):
+            raise CheckpointError(f"--resume: the resume file holds out item {max(val_idx)} for validation, but the "
+                                  f"dataset has {n:,} items; resume with the data the run was started on")
+        held = set(val_idx)
+        train_idx = [i for i in range(n) if i not in held]
+    else:
+        if not 0 <= args.val_fraction < 1:
+            raise UsageError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+        train_idx, val_idx = holdout_split(n, args.val_fraction, args.seed)
+    return (_Items(dataset, train_idx) if val_idx else dataset), val_idx
+
+
+def resolve_eval_interval(args, total_steps: int, log_interval: int) -> int:
+    """--eval_interval when given, else about 10 validations per run, rounded to a multiple of the log interval so
+    that each validation lands on a line the run logs anyway (a validation step always gets a line)."""
+    if args.eval_interval and args.eval_interval > 0:
+        return args.eval_interval
+    return max(1, round(max(1, total_steps // 10) / log_interval)) * log_interval
+
+
+def evaluate_loss(model, items, rt: Runtime, batch_size: int, collate_fn=None) -> float:
+    """Per-token mean loss of `model` over the held-out items, each rank passing its own share `items`: the loss
+    SUM and loss-token COUNT are summed over ranks (every rank must call this, even one whose share is empty).
+    Eval mode (no dropout, no MoE balance loss), no grad, autocast; the model goes back to train mode after."""
+    acc_dtype = torch.float32 if rt.device_type == "mps" else torch.float64  # sums over many tokens
+    totals = torch.zeros(2, dtype=acc_dtype, device=rt.device)
+    # Its own generator, so validation never draws from the global RNG stream training runs on.
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=0,
+                        generator=torch.Generator())
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        for batch in loader:
+            batch = _to_device(batch, rt.device)
+            out = model(**batch, num_items_in_batch=1)  # 1: the sum over tokens
+            totals += torch.stack([out.loss.to(acc_dtype), loss_item_count(batch).to(acc_dtype)])
+    model.train()
+    if rt.ddp:
+        dist.all_reduce(totals)
+    loss_sum, count = totals.tolist()
+    return loss_sum / count if count else float("nan")
+
+
+class _Validation:
+    """The held-out loss at every `every` steps and at the last one (nothing when nothing is held out)."""
+
+    def __init__(self, args, rt: Runtime, model, dataset, val_idx: list[int], collate_fn, every: int):
+        self.rt, self.model, self.batch_size, self.collate_fn, self.every = rt, model, args.batch_size, collate_fn, every
+        self.enabled = bool(val_idx)
+        self.items = _Items(dataset, val_idx[rt.rank::rt.world_size])
+
+    def __call__(self, step: int, total_steps: int, log: StepLogger) -> float | None:
+        if not self.enabled or (step % self.every and step != total_steps):
+            return None
+        t0 = log.clock()
+        loss = evaluate_loss(self.model, self.items, self.rt, self.batch_size, self.collate_fn)
+        log.exclude(log.clock() - t0)  # validation time is not training throughput
+        return loss
+
+
+def _validation_note(n_held: int, n_items: int, every: int) -> str:
+    if not n_held:
+        return "validation: off (nothing held out: --val_fraction 0)"
+    return f"validation: {n_held:,} held-out items ({100 * n_held / n_items:.2g}%), every {every:,} steps and at the end"
 
 
 def _param_counts(model) -> tuple[int, int]:
@@ -560,9 +744,8 @@ def _param_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def _resume(ckpt, model, optimizer, scaler, strict: bool) -> tuple[int, list, str | None]:
-    """Restore model, optimizer, scaler and RNG from the resume file; (step, history, wandb run id)."""
-    state = ckpt.load()
+def _resume(ckpt, state: dict, model, optimizer, scaler, strict: bool) -> tuple[int, list, str | None]:
+    """Restore model, optimizer, scaler and RNG from the loaded resume file; (step, history, wandb run id)."""
     saved_cfg, cfg = state.get("config") or {}, json.loads(json.dumps(_model_config(model), default=str))
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "use_moe"):
         if key in saved_cfg and key in cfg and saved_cfg[key] != cfg[key]:
@@ -594,44 +777,87 @@ def _training_wrappers(args, rt: Runtime, model, optimizer, ckpt, weights_name: 
     return None, optimizer, train_model
 
 
+def _step_loss(out, batches_per_step: int) -> torch.Tensor:
+    """out.loss with the MoE balance loss (inside it in train mode) weighted 1/batches_per_step, i.e. its mean over
+    the step's micro-batches, while the token loss is already this micro-batch's share of the step."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None or batches_per_step == 1:
+        return out.loss
+    return out.loss - aux * (1 - 1 / batches_per_step)
+
+
 def _accumulate(train_model, engine, data_iter, rt: Runtime, scaler, log, batches_per_step: int) -> dict:
-    """Forward and backward over one step's micro-batches; returns the last batch."""
-    for micro in range(batches_per_step):
-        batch = _to_device(next(data_iter), rt.device)
-        tokens = batch["input_ids"].numel() * rt.world_size
+    """Forward and backward over one step's micro-batches; returns the last batch.
+
+    The token loss is normalised over the whole step: each micro-batch's summed token CE is divided by the loss
+    positions of all the step's micro-batches on all ranks, so every token weighs the same however uneven the rows
+    and however the batch is split. That count stays on the device (one all_reduce per step, no host sync). It is
+    passed divided by the world size because DDP and deepspeed average gradients over ranks: the result is the
+    gradient of sum(token losses over all ranks) / their count.
+    """
+    batches = [_to_device(next(data_iter), rt.device) for _ in range(batches_per_step)]
+    total = torch.stack([loss_item_count(b) for b in batches]).sum()
+    if rt.ddp:
+        dist.all_reduce(total)
+    n_items = total.clamp(min=1) / rt.world_size  # a step with no loss token trains on 0, not NaN
+    for micro, batch in enumerate(batches):
         if engine is not None:
-            loss = engine(**batch).loss
-            engine.backward(loss)  # deepspeed averages over accumulation steps itself
+            loss = _step_loss(engine(**batch, num_items_in_batch=n_items), batches_per_step)
+            engine.backward(loss * batches_per_step)  # deepspeed divides by its gradient_accumulation_steps: undone
             engine.step()
-            log.micro_batch(loss.detach() / batches_per_step, tokens)
-            continue
-        last = micro == batches_per_step - 1
-        # Skip the gradient all-reduce on all but the last micro-batch: it is wasted work.
-        sync = nullcontext() if (last or not rt.ddp) else train_model.no_sync()
-        with sync, rt.autocast():
-            loss = train_model(**batch).loss / batches_per_step
-        scaler.scale(loss).backward()
-        log.micro_batch(loss.detach(), tokens)
+        else:
+            last = micro == batches_per_step - 1
+            # Skip the gradient all-reduce on all but the last micro-batch: it is wasted work.
+            sync = nullcontext() if (last or not rt.ddp) else train_model.no_sync()
+            with sync, rt.autocast():
+                loss = _step_loss(train_model(**batch, num_items_in_batch=n_items), batches_per_step)
+            scaler.scale(loss).backward()
+        log.micro_batch(loss.detach(), real_token_count(batch), batch["input_ids"].numel())
     return batch
 
 
-def _optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
+def _optimizer_step(model, optimizer, scaler, grad_clip: float) -> torch.Tensor | None:
+    """Clip, step, zero; returns the gradient norm before clipping (a device tensor, read only when logged), None
+    without clipping."""
+    norm = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+@dataclass
+class _Run:
+    """What the step loop works with, set up by train()."""
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    engine: object
+    optimizer: object
+    ckpt: CheckpointManager
+    log: StepLogger
+    validation: _Validation
+    sampler: ShardedSampler
+    train_set: object
+    collate_fn: object
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int
+    val_idx: list
+    step_callback: object = None
 
 
 def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str, collate_fn=None,
           save_state_dict_fn=None, run_name: str | None = None, step_callback=None,
           outputs: dict | None = None) -> list[dict]:
-    """Train `model` on `dataset` (items are dicts passed as model(**batch); the loss is out.loss).
+    """Train `model` on `dataset` (items are dicts passed as model(**batch); the loss is out.loss), holding out
+    --val_fraction of the items for the validation loss.
 
-    Saves out_dir/{weights_name}.pth (+ .resume.pt) every --save_interval steps and at the end, writes the loss
-    PNG to --images_dir, ends the log with the list of paths written, and returns the logged history
-    [{"step", "loss", "lr"}, ...].
+    Saves out_dir/{weights_name}.pth (+ .resume.pt) every --save_interval steps and at the end, appends one line per
+    log step to out_dir/{run_name}_metrics.jsonl, writes the loss PNG to --images_dir, ends the log with the list
+    of paths written, and returns the logged history [{"step", "loss", "lr"} (+ "val_loss" where computed), ...].
     `save_state_dict_fn(model) -> dict` replaces the saved weights (e.g. LoRA merged into the base).
     `step_callback(step, history)` runs after each optimizer step (tests use it to simulate a crash).
     `outputs` ({what: path}) adds what the caller's own save_state_dict_fn writes to that closing list.
@@ -639,60 +865,79 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     run_name = run_name or weights_name
     model.to(rt.device)
     ckpt = CheckpointManager(args.out_dir, weights_name, rt.is_master, save_state_dict_fn)
-    sampler = ShardedSampler(len(dataset), rt.rank, rt.world_size, seed=args.seed, shuffle=True)
-    batches_per_step = args.accumulation_steps
-    steps_per_epoch = _steps_per_epoch(args, rt, sampler, len(dataset))
+    state = ckpt.load() if args.resume else None
+    train_set, val_idx = _holdout(args, dataset, state)  # the same on every rank: it depends on the flags alone
+    sampler = ShardedSampler(len(train_set), rt.rank, rt.world_size, seed=args.seed, shuffle=True)
+    steps_per_epoch = _steps_per_epoch(args, rt, sampler, len(train_set), len(val_idx))
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    min_lr = args.learning_rate * args.min_lr_ratio
     if getattr(dataset, "skipped", 0):
         print0(f"skipped {dataset.skipped} samples with no answer token left after truncation")
 
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, rt.device_type)
-    scaler = rt.scaler
     start_step, history, wandb_id = 0, [], None
-    if args.resume:
-        start_step, history, wandb_id = _resume(ckpt, model, optimizer, scaler, strict=save_state_dict_fn is None)
+    if state is not None:
+        start_step, history, wandb_id = _resume(ckpt, state, model, optimizer, rt.scaler,
+                                                strict=save_state_dict_fn is None)
     engine, optimizer, train_model = _training_wrappers(args, rt, model, optimizer, ckpt, weights_name)
 
     logger = make_logger(args, run_name, {**vars(args), "model": _model_config(model)}, wandb_id)
     n_params, n_trainable = _param_counts(model)
-    print0(f"{run_name}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable), {len(dataset):,} samples, "
-           f"{steps_per_epoch:,} steps/epoch, {total_steps:,} steps, world size {rt.world_size}, "
+    print0(f"{run_name}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable), {len(train_set):,} "
+           f"samples, {steps_per_epoch:,} steps/epoch, {total_steps:,} steps, world size {rt.world_size}, "
            f"device {rt.device}, dtype {args.dtype}{', deepspeed' if engine else ''}")
     interval = resolve_log_interval(args, total_steps)
+    every = resolve_eval_interval(args, total_steps, interval)
     print0(log_interval_note(interval))
-    log = StepLogger(rt, model, total_steps, interval, start_step, history, logger)
-
-    step = start_step
-    train_model.train()
-    data_iter, data_epoch = None, None
-    while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if data_iter is None or data_epoch != epoch:
-            # The data position follows from the step alone, so resuming mid-epoch skips exactly what was seen.
-            sampler.set_epoch(epoch, start=step_in_epoch * batches_per_step * args.batch_size)
-            data_iter, data_epoch = iter(_epoch_loader(args, rt, dataset, sampler, collate_fn, epoch)), epoch
-        lr = cosine_lr(step, total_steps, args.warmup_iters, args.learning_rate, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        batch = _accumulate(train_model, engine, data_iter, rt, scaler, log, batches_per_step)
-        if engine is None:
-            _optimizer_step(model, optimizer, scaler, args.grad_clip)
-        step += 1
-        log.step_done(step, epoch, lr, batch["input_ids"].shape[1])
-
-        if step % args.save_interval == 0 or step == total_steps:
-            epoch_after, pos_after = divmod(step, steps_per_epoch)
-            ckpt.save(model, optimizer, scaler, step, epoch_after, pos_after * batches_per_step * args.batch_size,
-                      _model_config(model), args, logger.run_id, history, deepspeed_engine=engine)
-        if step_callback is not None:
-            step_callback(step, history)
+    print0(_validation_note(len(val_idx), len(dataset), every))
+    # A resumed run drops the lines the killed run logged after its last save: they are logged again.
+    metrics = MetricsFile(Path(args.out_dir) / f"{run_name}_metrics.jsonl",
+                          resume_step=start_step if state is not None else None, is_master=rt.is_master)
+    log = StepLogger(rt, model, total_steps, interval, start_step, history, logger, metrics=metrics,
+                     steps_per_epoch=steps_per_epoch)
+    validation = _Validation(args, rt, model, dataset, val_idx, collate_fn, every)
+    _train_steps(args, rt, _Run(model, train_model, engine, optimizer, ckpt, log, validation, sampler, train_set,
+                                collate_fn, steps_per_epoch, total_steps, start_step, val_idx, step_callback))
 
     if rt.is_master:
-        _closing_outputs(args, ckpt, history, weights_name, run_name, engine is not None, outputs)
+        _closing_outputs(args, ckpt, history, weights_name, run_name, engine is not None, outputs, metrics.path)
     logger.finish()
     return history
+
+
+def _train_steps(args, rt: Runtime, r: _Run) -> None:
+    """The optimizer steps from r.start_step to r.total_steps: train, validate when due, log, save."""
+    batches_per_step, min_lr = args.accumulation_steps, args.learning_rate * args.min_lr_ratio
+    step = r.start_step
+    r.train_model.train()
+    data_iter, data_epoch = None, None
+    while step < r.total_steps:
+        epoch, step_in_epoch = divmod(step, r.steps_per_epoch)
+        if data_iter is None or data_epoch != epoch:
+            # The data position follows from the step alone, so resuming mid-epoch skips exactly what was seen.
+            r.sampler.set_epoch(epoch, start=step_in_epoch * batches_per_step * args.batch_size)
+            data_iter = iter(_epoch_loader(args, rt, r.train_set, r.sampler, r.collate_fn, epoch))
+            data_epoch = epoch
+        lr = cosine_lr(step, r.total_steps, args.warmup_iters, args.learning_rate, min_lr)
+        for group in r.optimizer.param_groups:
+            group["lr"] = lr
+
+        batch = _accumulate(r.train_model, r.engine, data_iter, rt, rt.scaler, r.log, batches_per_step)
+        if r.engine is None:
+            grad_norm = _optimizer_step(r.model, r.optimizer, rt.scaler, args.grad_clip)
+        else:  # deepspeed clipped (and stepped) inside engine.step()
+            grad_norm = getattr(r.engine, "get_global_grad_norm", lambda: None)()
+        step += 1
+        val_loss = r.validation(step, r.total_steps, r.log)
+        r.log.step_done(step, epoch, lr, batch["input_ids"].shape[1], grad_norm, val_loss)
+
+        if step % args.save_interval == 0 or step == r.total_steps:
+            epoch_after, pos_after = divmod(step, r.steps_per_epoch)
+            r.ckpt.save(r.model, r.optimizer, rt.scaler, step, epoch_after,
+                        pos_after * batches_per_step * args.batch_size, _model_config(r.model), args,
+                        r.log.logger.run_id, r.log.history, deepspeed_engine=r.engine,
+                        extra={"val_indices": r.val_idx})
+        if r.step_callback is not None:
+            r.step_callback(step, r.log.history)
 
 
 def _epoch_loader(args, rt: Runtime, dataset, sampler, collate_fn, epoch: int) -> DataLoader:
@@ -702,9 +947,10 @@ def _epoch_loader(args, rt: Runtime, dataset, sampler, collate_fn, epoch: int) -
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
-def _closing_outputs(args, ckpt, history, weights_name: str, run_name: str, deepspeed: bool, outputs) -> None:
+def _closing_outputs(args, ckpt, history, weights_name: str, run_name: str, deepspeed: bool, outputs,
+                     metrics_path=None) -> None:
     """The loss plot, then the closing list of every path the run wrote."""
     plot = save_loss_plot(history, Path(args.images_dir) / f"{weights_name}_loss.png", title=run_name)
     print_outputs({"weights": ckpt.weights_path, "resume state": ckpt.resume_path,
                    "deepspeed state": ckpt.out_dir / f"{weights_name}_deepspeed" if deepspeed else None,
-                   **(outputs or {}), "loss plot": plot})
+                   **(outputs or {}), "metrics": metrics_path, "loss plot": plot})

@@ -4,16 +4,20 @@ The margin is measured independently of trl, with plain full-logit log-probs (`m
 """
 
 import copy
+import inspect
 import math
 
 import pytest
 import torch
 from conftest import tiny_config
-from trl import DPOConfig
+from trl import DPOConfig, DPOTrainer
 
 from model.checkpoint import load_tokenizer
 from model.dpo import MiniMindDPOTrainer, MiniMindForDPO, records_to_dataset, sequence_logps, tokenize_pair
 from model.lora import lora_config
+from model.model import MiniMindForCausalLM
+
+MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
 
 QA = [("天空是什么颜色？", "天空通常是蓝色的。", "我不知道。"),
       ("一加一等于几？", "一加一等于二。", "等于三吧。"),
@@ -34,9 +38,9 @@ def records(tok):
     return out
 
 
-def make_trainer(tmp_path, tok, use_lora, steps=6, lr=5e-3):
+def make_trainer(tmp_path, tok, use_lora, steps=6, lr=5e-3, **config):
     torch.manual_seed(0)
-    policy = MiniMindForDPO(tiny_config(vocab_size=6400, max_seq_len=64))
+    policy = MiniMindForDPO(tiny_config(vocab_size=6400, max_seq_len=64, **config))
     ref = None if use_lora else copy.deepcopy(policy).eval().requires_grad_(False)
     args = DPOConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, learning_rate=lr,
                      max_steps=steps, beta=0.1, max_length=64, logging_steps=1, save_strategy="no",
@@ -100,3 +104,89 @@ def test_dpo_starts_at_ln2_and_raises_the_margin(tmp_path, tok, use_lora):
     assert margin(trainer, batch, use_lora) > 0.5
     if not use_lora:  # the reference stayed frozen
         assert all(not p.requires_grad for p in trainer.ref_model.parameters())
+    assert not any("aux_loss" in h for h in trainer.state.log_history)  # dense: no balance loss, no key
+
+
+def fused_logps(trainer, batch):
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    return trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                         fused_lm_head=True).log_probs.sum(1)
+
+
+def uneven_batch(trainer):
+    """The four pairs as trl collates them: chosen rows then rejected rows, right-padded to the longest row."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(QA))])
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 2 and int(lengths.max()) == batch["input_ids"].shape[1]  # longest, no more
+    assert torch.equal(batch["attention_mask"], (torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]).long())
+    return batch
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fused_logps_match_full_logits_on_uneven_batch(tmp_path, tok, moe):
+    trainer = make_trainer(tmp_path, tok, use_lora=False, **(MOE if moe else {}))
+    batch = uneven_batch(trainer)
+    for mode in ("eval", "train"):  # train mode: the MoE path that also computes the balance loss
+        getattr(trainer.model, mode)()
+        with torch.no_grad():
+            fused = fused_logps(trainer, batch)
+            plain = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"],
+                                   batch["completion_mask"])
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_right_padded_batches_go_in_as_token_mask(tmp_path, tok, moe, monkeypatch):
+    if "token_mask" not in inspect.signature(MiniMindForCausalLM.forward).parameters:
+        pytest.skip("MiniMindForCausalLM.forward has no token_mask yet")
+    trainer = make_trainer(tmp_path, tok, use_lora=False, **(MOE if moe else {}))
+    assert trainer.model.right_padded_batches and trainer.ref_model.right_padded_batches
+    calls = []
+
+    def spy(self, **kwargs):
+        calls.append({k: v for k, v in kwargs.items() if k in ("attention_mask", "token_mask")})
+        return MiniMindForCausalLM.forward(self, **kwargs)
+
+    monkeypatch.setattr(MiniMindForDPO, "forward", spy)
+    batch = uneven_batch(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        fused = fused_logps(trainer, batch)
+        plain = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    fused_call = calls[0]  # the fused head's backbone call; sequence_logps passes its attention_mask
+    assert set(fused_call) == {"token_mask"} and torch.equal(fused_call["token_mask"], batch["attention_mask"])
+
+
+def test_moe_balance_loss_joins_the_dpo_loss_and_the_logs(tmp_path, tok):
+    trainer = make_trainer(tmp_path, tok, use_lora=False, steps=2, **MOE)
+    batch = uneven_batch(trainer)
+    policy = trainer.model.train()
+    gates = [m.gate.weight for m in policy.modules() if hasattr(m, "gate")]
+    assert gates
+
+    def gate_grads(loss):
+        policy.zero_grad()
+        loss.backward()
+        return [g.grad.clone() for g in gates]
+
+    # the model's own balance loss on this batch, fed the padding the way the fused path feeds it
+    mask_kw = "token_mask" if "token_mask" in inspect.signature(MiniMindForCausalLM.forward).parameters \
+        else "attention_mask"
+    aux = MiniMindForCausalLM.forward(policy, input_ids=batch["input_ids"], **{mask_kw: batch["attention_mask"]}).aux_loss
+    assert aux is not None and aux.item() > 0
+    with_aux = trainer.compute_loss(policy, batch)
+    without_aux = DPOTrainer.compute_loss(trainer, policy, batch)  # trl alone: no MoE balance loss
+    assert abs(without_aux.item() - math.log(2)) < 1e-5  # step 0: policy == reference
+    torch.testing.assert_close(with_aux, without_aux + aux, rtol=1e-5, atol=1e-6)
+    # the balance loss trains the routers: its gradient is exactly the difference
+    for g_with, g_without, g_aux in zip(gate_grads(with_aux), gate_grads(without_aux), gate_grads(aux)):
+        assert g_aux.abs().sum() > 0
+        torch.testing.assert_close(g_with - g_without, g_aux, rtol=1e-4, atol=1e-7)
+
+    policy.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["aux_loss"] > 0 for h in logs)
+    assert abs(logs[0]["loss"] - (math.log(2) + logs[0]["aux_loss"])) < 1e-4  # step 1: ln 2 plus the balance loss

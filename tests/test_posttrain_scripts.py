@@ -122,8 +122,9 @@ def test_dpo_logs_its_last_step_and_a_line_per_interval_of_seconds(work, capsys,
     out = capsys.readouterr().out
     assert "logging every 100 steps" in out
     assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("step ")] == ["step 3/3"]  # the last
-    assert out.rstrip().splitlines()[-4:][0] == "wrote:"  # then the files written, weights first
-    assert out.rstrip().splitlines()[-3].split()[-1] == str(tmp / "dpo_log" / "rl_64.pth")
+    assert out.rstrip().splitlines()[-5:][0] == "wrote:"  # then the files written, weights first, metrics last
+    assert out.rstrip().splitlines()[-4].split()[-1] == str(tmp / "dpo_log" / "rl_64.pth")
+    assert out.rstrip().splitlines()[-1].split()[-1] == str(tmp / "dpo_log" / "rl_64_metrics.jsonl")
 
     monkeypatch.setattr(dpo, "LOG_EVERY_S", 0.0)  # every step is "30 s after the last line"
     dpo.main(argv)

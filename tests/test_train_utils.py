@@ -186,10 +186,11 @@ def test_default_log_interval_and_closing_list_of_written_files(tmp_path, corpus
     assert "logging every 2 steps (and at least every 30 s)" in out
     assert out.count("step ") == 30
     # the log ends with one block naming every file written, and those files exist
-    block = out.rstrip().splitlines()[-4:]
+    block = out.rstrip().splitlines()[-5:]
     assert block[0] == "wrote:"
     written = [Path(line.split()[-1]) for line in block[1:]]  # "  {what}  {path}"
-    assert [p.name for p in written] == ["pretrain_64.pth", "pretrain_64.resume.pt", "pretrain_64_loss.png"]
+    assert [p.name for p in written] == ["pretrain_64.pth", "pretrain_64.resume.pt", "pretrain_64_metrics.jsonl",
+                                         "pretrain_64_loss.png"]
     assert all(p.is_file() for p in written)
 
 
