@@ -63,6 +63,7 @@ def test_positions_restart_at_each_document():
     assert model_module._document_positions(doc).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_block_mask_matches_the_dense_mask(monkeypatch):
     """The CUDA + compile path builds a flex_attention BlockMask; on CPU its eager reference runs the same math."""
     model = tiny_model(max_seq_len=64)
