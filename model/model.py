@@ -507,14 +507,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         cache = past_key_values
         past = cache.get_seq_length() if cache is not None else 0
 
-        if document_ids is not None:
-            if past:
-                raise ValueError("document_ids describe a whole packed sequence; they cannot follow a KV cache")
-            mask, position_ids = _document_mask_and_positions(document_ids.to(h.device), position_ids,
-                                                              self.training and self.config.dropout > 0)
-        else:
-            mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, h.device)
-        real = _real_tokens(document_ids, attention_mask, token_mask, T) if self.config.use_moe else None
+        mask, position_ids, real = self._attention_inputs(document_ids, attention_mask, token_mask, position_ids,
+                                                          B, T, past, h.device)
         rope = rope_tables(*rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                          self.config.rope_scaling_factor))
 
@@ -540,6 +534,19 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache:  # under the field name this transformers declares, so no deprecation shim runs
             out[_CACHE_FIELD] = cache
         return out
+
+    def _attention_inputs(self, document_ids, attention_mask, token_mask, position_ids, B: int, T: int, past: int,
+                          device):
+        """(attention mask or None, RoPE positions, the real tokens for the MoE balance loss or None)."""
+        if document_ids is not None:
+            if past:
+                raise ValueError("document_ids describe a whole packed sequence; they cannot follow a KV cache")
+            mask, position_ids = _document_mask_and_positions(document_ids.to(device), position_ids,
+                                                              self.training and self.config.dropout > 0)
+        else:
+            mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, device)
+        real = _real_tokens(document_ids, attention_mask, token_mask, T) if self.config.use_moe else None
+        return mask, position_ids, real
 
     def num_parameters_unique(self) -> int:
         """Parameter count with the tied embedding counted once (the figure MiniMind v1 reports)."""

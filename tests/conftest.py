@@ -49,3 +49,16 @@ def chat_ckpt(tmp_path_factory):
     from server_helpers import write_chat_ckpt
 
     return write_chat_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny_sft.pth")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small pretraining token file of 40 random documents, as windows of 16 (the training-loop tests)."""
+    from pipeline_helpers import write_token_file
+
+    from model.dataset import PretrainDataset
+
+    g = torch.Generator().manual_seed(0)
+    docs = [[1, *torch.randint(3, 256, (int(n),), generator=g).tolist(), 2]
+            for n in torch.randint(5, 60, (40,), generator=g)]
+    return PretrainDataset(write_token_file(tmp_path / "corpus.bin", docs), seq_len=16)

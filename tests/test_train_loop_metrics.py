@@ -14,11 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_model
-from pipeline_helpers import write_token_file
 from test_train_utils import Crash, fresh_model, make_args
 
 from model.checkpoint import load_model
-from model.dataset import PretrainDataset
 from model.errors import UsageError
 from model.run_metrics import MetricsFile, holdout_split
 from model.train_utils import (
@@ -187,14 +185,6 @@ def test_two_gloo_ranks_give_the_single_process_step_and_val_loss(tmp_path):
     with torch.no_grad():
         want_val = [model(**{k: v[idx] for k, v in sft_batch().items()}).loss.item() for idx in VAL_SPLITS]
     assert got["val"] == pytest.approx(want_val, rel=1e-5)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    docs = [[1, *torch.randint(3, 256, (int(n),), generator=g).tolist(), 2]
-            for n in torch.randint(5, 60, (40,), generator=g)]
-    return PretrainDataset(write_token_file(tmp_path / "corpus.bin", docs), seq_len=16)
 
 
 class Recording(torch.utils.data.Dataset):

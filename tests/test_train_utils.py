@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from pipeline_helpers import write_token_file
 
 from model import train_utils
 from model.checkpoint import CheckpointError, load_model
-from model.dataset import PretrainDataset
 from model.model import MiniMindForCausalLM
 from model.train_utils import (
     LOSS_BAND,
@@ -33,14 +31,6 @@ def make_args(tmp_path, *flags, **defaults):
     add_train_args(parser, **defaults)
     return parser.parse_args(["--out_dir", str(tmp_path / "out"), "--images_dir", str(tmp_path / "img"),
                               "--device", "cpu", "--num_workers", "0", "--log_interval", "1", *flags])
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    docs = [[1, *torch.randint(3, 256, (int(n),), generator=g).tolist(), 2]
-            for n in torch.randint(5, 60, (40,), generator=g)]
-    return PretrainDataset(write_token_file(tmp_path / "corpus.bin", docs), seq_len=16)
 
 
 def fresh_model(seed=0):
