@@ -132,7 +132,7 @@ def sync_free(rt, step_model, model, optimizer, batch) -> str:
 def measure(args, rt, preset: str, stage: str, use_compile: bool, warmup: int) -> dict:
     torch.manual_seed(args.seed)
     device = rt.device
-    config = LMConfig(**PRESETS[preset], max_seq_len=args.max_seq_len)
+    config = LMConfig(**{**PRESETS[preset], "max_seq_len": args.max_seq_len})
     model = MiniMindForCausalLM(config).to(device).train()
     optimizer = make_optimizer(model, 1e-4, 0.1, device.type)
     step_model = torch.compile(model) if use_compile else model

@@ -1,8 +1,13 @@
 """MiniMind model configuration.
 
 The fields and defaults are MiniMind v1's, so a v1 checkpoint is described by `LMConfig()` (or one of the presets)
-without any extra arguments. Two fields are new: `rope_theta` and `rope_scaling_factor` (linear position
-interpolation, for running past the training length).
+without any extra arguments. The fields added since describe the MiniMind-3 family (Qwen3-style) with the same class:
+- `head_dim` (default dim / n_heads), `qk_norm` (a per-head RMSNorm on q and k before RoPE);
+- `rope_layout`: "interleaved" (v1: rotate adjacent pairs) or "half" (rotate-half, as Llama/Qwen);
+- `rope_theta`, `rope_scaling_factor` (linear position interpolation) and `yarn` (MiniMind-3's YaRN: a dict with
+  factor, original_max_position_embeddings, beta_fast, beta_slow, attention_factor), `max_position_embeddings`;
+- `moe_hidden_dim` (the experts' FFN width, default the dense one); top-1 routing and no shared expert are just
+  `num_experts_per_tok=1`, `n_shared_experts=False`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ class LMConfig(PretrainedConfig):
         # added in this project
         rope_theta: float = 10000.0,
         rope_scaling_factor: float | None = None,
+        # the MiniMind-3 family
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        rope_layout: str = "interleaved",
+        yarn: dict | None = None,
+        max_position_embeddings: int | None = None,
+        moe_hidden_dim: int | None = None,
         **kwargs,
     ):
         self.dim = dim
@@ -66,20 +78,29 @@ class LMConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.rope_theta = rope_theta
         self.rope_scaling_factor = rope_scaling_factor
+        self.head_dim = head_dim or dim // n_heads
+        self.qk_norm = qk_norm
+        self.rope_layout = rope_layout
+        self.yarn = dict(yarn) if yarn else None
+        self.max_position_embeddings = max_position_embeddings or max_seq_len
+        self.moe_hidden_dim = moe_hidden_dim
         # v1 ties the output projection to the token embedding; token ids match the bundled tokenizer.
         kwargs.setdefault("tie_word_embeddings", True)
         kwargs.setdefault("bos_token_id", 1)
         kwargs.setdefault("eos_token_id", 2)
         kwargs.setdefault("pad_token_id", 0)
         super().__init__(**kwargs)
-        if dim % n_heads or n_heads % n_kv_heads:
+        if (head_dim is None and dim % n_heads) or n_heads % n_kv_heads:
             raise ValueError(f"dim ({dim}) must divide by n_heads ({n_heads}), and n_heads by n_kv_heads ({n_kv_heads})")
-        if (dim // n_heads) % 2:
-            raise ValueError(f"head_dim {dim // n_heads} must be even for rotary embeddings")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if rope_layout not in ("interleaved", "half"):
+            raise ValueError(f"rope_layout must be 'interleaved' (v1) or 'half' (MiniMind-3), got {rope_layout!r}")
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def expert_hidden_dim(self) -> int:
+        """The FFN width of each routed/shared expert."""
+        return self.moe_hidden_dim or self.ffn_hidden_dim
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -92,6 +113,8 @@ class LMConfig(PretrainedConfig):
     @property
     def context_length(self) -> int:
         """Positions the model can attend over without going past what RoPE was trained (or scaled) for."""
+        if self.yarn:
+            return int(self.yarn.get("original_max_position_embeddings", self.max_seq_len) * self.yarn["factor"])
         return int(self.max_seq_len * (self.rope_scaling_factor or 1.0))
 
     @property
@@ -107,13 +130,24 @@ PRESETS: dict[str, dict] = {
     "minimind-v1-moe": dict(dim=512, n_layers=8, use_moe=True, n_routed_experts=4, n_shared_experts=True,
                             num_experts_per_tok=2),
 }
+# MiniMind-3 (2026-04): Qwen3-style. FFN ceil(768*pi/64)*64 = 2432; trained at 2,048 positions, YaRN (factor 16)
+# optional for up to 32,768. The MoE variant: 4 experts, top-1 (renormalised: weight 1), no shared expert.
+MINIMIND3 = dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=96, hidden_dim=2432, norm_eps=1e-6,
+                 qk_norm=True, rope_layout="half", rope_theta=1e6, max_seq_len=2048, max_position_embeddings=32768)
+PRESETS["minimind-3"] = dict(MINIMIND3)
+PRESETS["minimind-3-moe"] = dict(MINIMIND3, use_moe=True, n_routed_experts=4, num_experts_per_tok=1,
+                                 n_shared_experts=False, aux_loss_alpha=5e-4, seq_aux=False, norm_topk_prob=True)
+# YaRN as MiniMind-3 defaults it when its config turns `inference_rope_scaling` on without a dict.
+MINIMIND3_YARN = dict(factor=16.0, original_max_position_embeddings=2048, beta_fast=32.0, beta_slow=1.0,
+                      attention_factor=1.0)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the model-shape flags every script shares. Explicit flags override the preset's values."""
     g = parser.add_argument_group("model", "the shape of a new model; a script that loads a checkpoint reads the "
                                   "shape from the file, and these flags then only have to agree with it")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a published MiniMind v1 shape")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a published shape: MiniMind v1 (small, 108M, MoE) or MiniMind-3 (64M, MoE)")
     g.add_argument("--dim", type=int, default=None, help="model width (default 512)")
     g.add_argument("--n_layers", type=int, default=None, help="number of decoder layers (default 8)")
     g.add_argument("--n_heads", type=int, default=None, help="attention heads (default 16)")

@@ -18,6 +18,7 @@ import torch
 
 from .errors import UsageError
 from .LMConfig import LMConfig
+from .minimind3_format import read_minimind3
 from .model import MiniMindForCausalLM
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -149,7 +150,8 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidde
                 "n_shared_experts", "num_experts_per_tok")
 # Everything a config JSON beside a .pth records (the shape plus what changes the math without changing tensors).
 CONFIG_FIELDS = SHAPE_FIELDS + ("multiple_of", "norm_eps", "max_seq_len", "scoring_func", "aux_loss_alpha", "seq_aux",
-                                "norm_topk_prob", "rope_theta", "rope_scaling_factor")
+                                "norm_topk_prob", "rope_theta", "rope_scaling_factor", "head_dim", "qk_norm",
+                                "rope_layout", "yarn", "max_position_embeddings", "moe_hidden_dim")
 
 
 def config_path(weights_path: str | os.PathLike) -> Path:
@@ -172,6 +174,11 @@ def shape_from_state_dict(state: dict) -> dict:
         w1 = state.get("layers.0.feed_forward.w1.weight")
     if w1 is not None and w1.shape[0] != LMConfig(dim=dim, n_heads=1, n_kv_heads=1).ffn_hidden_dim:
         shape["hidden_dim"] = w1.shape[0]
+    q_norm = state.get("layers.0.attention.q_norm.weight")
+    if q_norm is not None:  # the MiniMind-3 family: head_dim is stored, so the head counts are facts too
+        head_dim = q_norm.shape[0]
+        shape.update(qk_norm=True, head_dim=head_dim, n_heads=state["layers.0.attention.wq.weight"].shape[0] // head_dim,
+                     n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim)
     return shape
 
 
@@ -184,6 +191,8 @@ def heads_fit(fields: dict, kv_width: int | None) -> bool:
     """Whether n_heads / n_kv_heads give the wk width the file has (n_kv_heads * dim / n_heads)."""
     if kv_width is None or "n_heads" not in fields or "n_kv_heads" not in fields:
         return True
+    if fields.get("head_dim"):
+        return fields["n_kv_heads"] * fields["head_dim"] == kv_width
     return fields["dim"] % fields["n_heads"] == 0 and fields["n_kv_heads"] * fields["dim"] // fields["n_heads"] == kv_width
 
 
@@ -233,7 +242,12 @@ def resolve_config(path: Path, state: dict, flags: dict | None = None) -> LMConf
         raise CheckpointError(f"{config_path(path)} says {_describe(recorded)} but the weights in {path.name} are "
                               f"{_describe({**recorded, **tensors})}; delete the JSON to infer the shape from the "
                               f"weights")
-    fields = {**tensors, **recorded} if recorded is not None else {**tensors, **default_heads(tensors["dim"], kv_width)}
+    if recorded is not None:
+        fields = {**tensors, **recorded}
+    elif tensors.get("qk_norm"):  # a MiniMind-3-family .pth without its JSON: that family's RoPE and norms
+        fields = {"rope_layout": "half", "rope_theta": 1e6, "norm_eps": 1e-6, **tensors}
+    else:
+        fields = {**tensors, **default_heads(tensors["dim"], kv_width)}
     flags = dict(flags or {})
     clash = _clashes(flags, {k: fields[k] for k in SHAPE_FIELDS if k in fields and (recorded or k in tensors)},
                      kv_width)
@@ -252,10 +266,27 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | os.PathLike, flags: dict | None = None) -> Checkpoint:
-    """Weights and config of a .pth: every loader goes through here, so they all accept the same files."""
+    """Weights and config of a .pth, or of a MiniMind-3 folder (config.json + model.safetensors) or its
+    safetensors file: every loader goes through here, so they all accept the same files."""
     path = Path(path)
+    if path.exists() and (path.is_dir() or path.suffix == ".safetensors"):
+        released = read_minimind3(path)
+        if released is not None:
+            config, state = released
+            return Checkpoint(path, _apply_flags(path, config, flags), state)
     state = load_state_dict(path)
     return Checkpoint(path, resolve_config(path, state, flags), state)
+
+
+def _apply_flags(path: Path, config: LMConfig, flags: dict | None) -> LMConfig:
+    """A released folder's config with the user's model flags on top; a flag that contradicts its shape is refused."""
+    fields = config.to_dict()
+    clash = [k for k in SHAPE_FIELDS if k in (flags or {}) and flags[k] != fields.get(k)]
+    if clash:
+        raise CheckpointError(f"{path} is a {_describe(fields)} model but the flags ask for "
+                              f"{_describe({**fields, **flags})} ({', '.join(f'--{k}' for k in clash)}); drop the "
+                              f"model flags (the shape is read from the folder's config.json)")
+    return LMConfig(**{**fields, **(flags or {})}) if flags else config
 
 
 def find_checkpoint(out_dir: str | os.PathLike, stage: str, flags: dict | None = None) -> Path:

@@ -58,9 +58,14 @@ def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
 _INV_FREQ: dict = {}
 
 
-def _inv_freq(head_dim: int, theta: float, like: torch.Tensor) -> torch.Tensor:
-    """1 / theta^(2i/head_dim) in float32 on `like`'s device, computed once per (head_dim, theta, device) instead of
-    every forward.
+def _base_inv_freq(head_dim: int, theta: float, device, yarn: tuple | None) -> torch.Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    return inv if yarn is None else yarn_inv_freq(inv, head_dim, theta, dict(yarn))
+
+
+def _inv_freq(head_dim: int, theta: float, like: torch.Tensor, yarn: tuple | None = None) -> torch.Tensor:
+    """1 / theta^(2i/head_dim) (YaRN-corrected when `yarn` is given, as sorted dict items) in float32 on `like`'s
+    device, computed once per (head_dim, theta, yarn, device) instead of every forward.
 
     A plain cache rather than a buffer: a buffer would follow `model.half()` into 16 bits (changing every angle) and
     would have to be kept out of the state dict; this tensor is never a model parameter.
@@ -68,50 +73,77 @@ def _inv_freq(head_dim: int, theta: float, like: torch.Tensor) -> torch.Tensor:
     device = like.device
     if torch.compiler.is_compiling() or type(like) is not torch.Tensor:
         # Traced graphs (compile, export, fake tensors) fold the constant themselves; never cache a traced tensor.
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    key = (head_dim, float(theta), device)
+        return _base_inv_freq(head_dim, theta, device, yarn)
+    key = (head_dim, float(theta), device, yarn)
     inv = _INV_FREQ.get(key)
     if inv is None:
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable later with autograd on
-            inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+            inv = _base_inv_freq(head_dim, theta, device, yarn)
         _INV_FREQ[key] = inv
     return inv
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, scaling: float | None):
+def yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float, yarn: dict) -> torch.Tensor:
+    """MiniMind-3's YaRN: frequencies of pairs that complete few turns over the original context are divided by
+    `factor`, fast ones kept, with a linear ramp between (pair indices from beta_fast's to beta_slow's)."""
+    orig, factor = yarn["original_max_position_embeddings"], yarn["factor"]
+
+    def pair_index(turns: float) -> float:  # the pair whose wavelength fits `turns` times into the original context
+        return head_dim * math.log(orig / (2 * math.pi * turns)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_index(yarn.get("beta_fast", 32.0))), 0)
+    high = min(math.ceil(pair_index(yarn.get("beta_slow", 1.0))), head_dim // 2 - 1)
+    i = torch.arange(head_dim // 2, device=inv_freq.device, dtype=torch.float32)
+    ramp = ((i - low) / max(high - low, 0.001)).clamp(0, 1)
+    return inv_freq * (1 - ramp + ramp / factor)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, scaling: float | None,
+                 yarn: dict | None = None):
     """cos/sin of shape (B, T, head_dim/2) for integer positions (B, T).
 
     Computed from the positions themselves rather than looked up in a table sized max_seq_len, so a long prompt
-    can never index past the end. Linear scaling divides positions by `scaling`.
+    can never index past the end. Linear scaling divides positions by `scaling`; `yarn` (MiniMind-3's YaRN dict)
+    corrects the frequencies and multiplies cos/sin by its attention_factor.
     """
-    inv_freq = _inv_freq(head_dim, theta, position_ids)
+    inv_freq = _inv_freq(head_dim, theta, position_ids, tuple(sorted(yarn.items())) if yarn else None)
     pos = position_ids.float()
     if scaling:
         pos = pos / scaling
     angles = pos[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    attention_factor = (yarn or {}).get("attention_factor", 1.0) or 1.0
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, head_dim/2) cos/sin -> (B, T, 1, head_dim) factors for `apply_rope`, built once per forward.
-
-    cos2 = (c0, c0, c1, c1, ...), sin2 = (-s0, s0, -s1, s1, ...): pure data movement, no new rounding.
-    """
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, half: bool = False):
+    """(B, T, head_dim/2) cos/sin -> (cos2, sin2, half) for `apply_rope`, (B, T, 1, head_dim) each, built once per
+    forward. Interleaved (v1): cos2 = (c0, c0, c1, c1, ...), sin2 = (-s0, s0, -s1, s1, ...). Rotate-half
+    (MiniMind-3): cos2 = (c0 .. c_{n-1}, c0 .. c_{n-1}), sin2 = (-s0 .. -s_{n-1}, s0 .. s_{n-1}). Pure data movement,
+    no new rounding."""
+    if half:
+        return torch.cat((cos, cos), dim=-1).unsqueeze(2), torch.cat((-sin, sin), dim=-1).unsqueeze(2), True
     cos2 = torch.stack((cos, cos), dim=-1).flatten(-2).unsqueeze(2)
     sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2).unsqueeze(2)
-    return cos2, sin2
+    return cos2, sin2, False
 
 
-def apply_rope(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head as one complex number: v1's layout, not rotate-half.
+def apply_rope(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, half: bool = False) -> torch.Tensor:
+    """Rotate each head's pairs by the position's angles: adjacent pairs (x[2i], x[2i+1]) in v1's layout, or
+    (x[i], x[i + head_dim/2]) with `half` (rotate-half, Llama/Qwen's).
 
     x: (B, T, H, head_dim); cos2/sin2: (B, T, 1, head_dim) from `rope_tables`.
-    out[2i] = x[2i] c + x[2i+1] (-s) and out[2i+1] = x[2i+1] c + x[2i] s: bit for bit the textbook
+    Interleaved: out[2i] = x[2i] c + x[2i+1] (-s) and out[2i+1] = x[2i+1] c + x[2i] s: bit for bit the textbook
     x0 c - x1 s and x0 s + x1 c (negation is exact, a + (-b) is a - b, and addition commutes), in 3 arithmetic ops
-    instead of 6 plus the slicing and stacking.
+    instead of 6 plus the slicing and stacking. Rotate-half is the same with the two halves swapped instead.
     """
     xf = x if x.dtype == torch.float32 else x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    if half:
+        swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x_{n/2} .. x_{n-1}, x0 .. x_{n/2-1})
+    else:
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
     out = xf * cos2 + swapped * sin2
     return out if out.dtype == x.dtype else out.type_as(x)
 
@@ -171,12 +203,21 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = config.flash_attn and hasattr(F, "scaled_dot_product_attention")
+        if config.qk_norm:  # MiniMind-3: q and k RMS-normed per head, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, rope, mask, cache):
-        """rope: (cos2, sin2) from `rope_tables`, shared by every layer."""
+        """rope: (cos2, sin2, half) from `rope_tables`, shared by every layer."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *rope).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), *rope).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, *rope).transpose(1, 2)
+        k = apply_rope(k, *rope).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -218,9 +259,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down projection."""
 
-    def __init__(self, config: LMConfig):
+    def __init__(self, config: LMConfig, hidden: int | None = None):
         super().__init__()
-        hidden = config.ffn_hidden_dim
+        hidden = hidden or config.ffn_hidden_dim
         self.w1 = nn.Linear(config.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, hidden, bias=False)
@@ -251,7 +292,7 @@ class MoEGate(nn.Module):
         B, T, D = x.shape
         scores = F.linear(x.reshape(-1, D), self.weight).float().softmax(dim=-1)  # (B*T, E)
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob:  # top-1 renormalised routes with weight 1 (MiniMind-3); v1 is always top-2
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         aux_loss = None
         if self.training and self.alpha > 0:
@@ -321,9 +362,10 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, config: LMConfig):
         super().__init__()
-        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_routed_experts))
+        width = config.expert_hidden_dim
+        self.experts = nn.ModuleList(FeedForward(config, width) for _ in range(config.n_routed_experts))
         self.gate = MoEGate(config)
-        self.shared_experts = FeedForward(config) if config.n_shared_experts else None
+        self.shared_experts = FeedForward(config, width) if config.n_shared_experts else None
 
     def forward(self, x: torch.Tensor, real: torch.Tensor | None = None):
         B, T, D = x.shape
@@ -510,7 +552,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         mask, position_ids, real = self._attention_inputs(document_ids, attention_mask, token_mask, position_ids,
                                                           B, T, past, h.device)
         rope = rope_tables(*rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
-                                         self.config.rope_scaling_factor))
+                                         self.config.rope_scaling_factor, _active_yarn(self.config)),
+                           half=self.config.rope_layout == "half")
 
         h = _dropout(self.dropout, h)
         aux_total = None
@@ -559,10 +602,19 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         n = sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
         n += c.vocab_size * c.dim  # the (tied) output projection is a matmul even though it is shared
         if c.use_moe:
-            expert = 3 * c.dim * c.ffn_hidden_dim
+            expert = 3 * c.dim * c.expert_hidden_dim
             n -= c.n_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
         attn = 12 * c.n_layers * c.dim * seq_len
         return 6 * n + attn
+
+
+def _active_yarn(config) -> dict | None:
+    """The YaRN dict when it applies: MiniMind-3 scales at every position whenever it is on and the model's
+    max_position_embeddings exceeds the original context."""
+    yarn = config.yarn
+    if not yarn or config.max_position_embeddings / yarn["original_max_position_embeddings"] <= 1:
+        return None
+    return yarn
 
 
 def _mask_and_positions(attention_mask, position_ids, B: int, T: int, past: int, device):

@@ -51,6 +51,8 @@ def test_preset_parameter_counts_match_v1():
     assert round(counts["minimind-v1-small"] / 1e6, 2) == 26.88
     assert round(counts["minimind-v1"] / 1e6, 2) == 108.75
     assert round(counts["minimind-v1-moe"] / 1e6, 2) == 96.10
+    # MiniMind-3 as published: 64M dense, 198M total for the 4-expert top-1 MoE
+    assert round(counts["minimind-3"] / 1e6) == 64 and round(counts["minimind-3-moe"] / 1e6) == 198
 
 
 @pytest.mark.parametrize("use_moe", [False, True])

@@ -163,3 +163,30 @@ def test_script_missing_path(tmp_path):
     result = run_script("--data_path", tmp_path / "nothing-*.jsonl", "--tokenizer_dir", tmp_path / "tok")
     assert result.returncode != 0
     assert "matches no file" in result.stderr
+
+
+def test_script_minimind3_family(tmp_path):
+    """--family minimind-3: Qwen-style specials at fixed ids, ChatML template, and SFT dialogues read as text."""
+    from model.chat_template3 import SPECIAL_TOKENS as SPECIAL_3
+
+    data = tmp_path / "mixed.jsonl"
+    sft = [{"history": [["早上好", "早上好！"]], "input": "今天星期几", "output": "星期三"},
+           {"conversations": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}]
+    data.write_text("\n".join(_corpus_lines(40) + [json.dumps(r, ensure_ascii=False) for r in sft]) + "\n",
+                    encoding="utf-8")
+    out = tmp_path / "tok3"
+    result = run_script("--family", "minimind-3", "--data_path", data, "--vocab_size", 400,
+                        "--tokenizer_dir", out, "--eval_every", 0)
+    assert result.returncode == 0, result.stderr
+    assert "on 42 docs" in result.stdout and "skipped" not in result.stdout
+
+    trained = AutoTokenizer.from_pretrained(str(out))
+    assert len(trained) == 400
+    assert trained.convert_ids_to_tokens(list(range(len(SPECIAL_3)))) == SPECIAL_3
+    assert trained.convert_tokens_to_ids(["<tool_call>", "</tool_call>", "<think>", "</think>"]) == [21, 22, 25, 26]
+    assert (trained.eos_token_id, trained.pad_token_id) == (2, 0)
+    for s in ROUND_TRIP.values():
+        assert trained.decode(trained.encode(s, add_special_tokens=False)) == s
+    assert trained.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                       add_generation_prompt=True) == \
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
