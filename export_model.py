@@ -17,6 +17,13 @@ Formats:
     each head's q and k projection rows to [0, 2, 4, ..., 1, 3, 5, ...] turns one into the other; q.k is unchanged
     because q and k are reordered alike.
 
+- qwen3 (the MiniMind-3 family, dense or MoE): a native Qwen3ForCausalLM / Qwen3MoeForCausalLM folder, no remote
+  code. The family is Qwen3's math (rotate-half RoPE, QK-norm, no shared expert), so only the names change; YaRN
+  goes over as transformers' "yarn" rope type with MiniMind-3's attention factor written out.
+- minimind3: the MiniMind-3 family in the layout MiniMind-3 publishes its weights in (config.json with
+  hidden_size/num_hidden_layers/..., model.safetensors with model.layers.{i}.self_attn.q_proj...), which this
+  project's `--ckpt`/`--init` read back with no flags.
+
 Before the folder appears, the export is loaded back through AutoModelForCausalLM and its logits are compared with
 the checkpoint's (--no_verify skips this). The folder is written under a temporary name and renamed at the end, and
 an existing non-empty folder is only replaced with --force. No network access is needed.
@@ -38,8 +45,10 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import DTYPES, PACKAGE_DIR, TOKENIZER_DIR, load_model, load_tokenizer, read_checkpoint
+from model.checkpoint import DTYPES, PACKAGE_DIR, family_tokenizer_dir, load_model, load_tokenizer, read_checkpoint
 from model.LMConfig import LMConfig, add_model_args, model_flags
+from model.minimind3_format import check_family, read_minimind3, state_dict_to_minimind3, write_minimind3
+from model.model import MiniMindForCausalLM, _active_yarn
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 AUTO_MAP = {"AutoConfig": "LMConfig.LMConfig", "AutoModelForCausalLM": "model.MiniMindForCausalLM"}
@@ -113,6 +122,9 @@ def minimind_files(model, folder: Path, dtype: torch.dtype):
 def llama_config(config: LMConfig, dtype: torch.dtype):
     from transformers import LlamaConfig
 
+    if config.qk_norm or config.rope_layout != "interleaved":
+        raise ValueError("--format llama is for the v1 family; a MiniMind-3-family model (QK-norm, rotate-half RoPE) "
+                         "exports natively with --format qwen3")
     if config.use_moe:
         raise ValueError("--format llama exports dense models only: Llama has no mixture-of-experts layers. "
                          "Export MoE checkpoints with --format minimind (loaded with trust_remote_code=True).")
@@ -197,6 +209,73 @@ def llama_files(model, folder: Path, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# qwen3 format: native Qwen3ForCausalLM / Qwen3MoeForCausalLM, no remote code; minimind3: the published layout
+
+
+def _rope_fields(config_class, config: LMConfig) -> dict:
+    """theta and YaRN in the form this transformers' config class takes (5.x: rope_parameters; 4.x: two fields)."""
+    rope = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
+    yarn = _active_yarn(config)
+    if yarn:
+        # attention_factor written out: transformers' own default (0.1 ln(factor) + 1) is not MiniMind-3's.
+        rope = {"rope_type": "yarn", "rope_theta": float(config.rope_theta), "factor": float(yarn["factor"]),
+                "original_max_position_embeddings": int(yarn["original_max_position_embeddings"]),
+                "beta_fast": float(yarn.get("beta_fast", 32.0)), "beta_slow": float(yarn.get("beta_slow", 1.0)),
+                "attention_factor": float(yarn.get("attention_factor", 1.0))}
+    if "rope_parameters" in inspect.signature(config_class.__init__).parameters:
+        return {"rope_parameters": rope}
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if yarn else None
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": scaling}
+
+
+def qwen3_config(config: LMConfig, dtype: torch.dtype):
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    check_family(config)
+    if config.rope_scaling_factor:
+        raise ValueError("--format qwen3: linear RoPE scaling is not part of the MiniMind-3 family; use YaRN")
+    cls = Qwen3MoeConfig if config.use_moe else Qwen3Config
+    moe = dict(num_experts=config.n_routed_experts, num_experts_per_tok=config.num_experts_per_tok,
+               moe_intermediate_size=config.expert_hidden_dim, norm_topk_prob=config.norm_topk_prob,
+               decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=config.aux_loss_alpha,
+               output_router_logits=False) if config.use_moe else {}
+    return cls(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_hidden_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim, hidden_act="silu", max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=True, attention_bias=False, use_sliding_window=False,
+        **_rope_fields(cls, config), **moe, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        architectures=["Qwen3MoeForCausalLM" if config.use_moe else "Qwen3ForCausalLM"], dtype=dtype)
+
+
+def qwen3_files(model, folder: Path, dtype: torch.dtype):
+    from safetensors.torch import save_file
+
+    qwen3_config(model.config, dtype).save_pretrained(folder)
+    # MiniMind-3's published tensor names are Qwen3's: one mapping serves both layouts.
+    state = {k: v.to("cpu", dtype) for k, v in state_dict_to_minimind3(model.state_dict(), model.config).items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def minimind3_files(model, folder: Path, dtype: torch.dtype):
+    write_minimind3(model, folder, dtype)
+
+
+WRITERS = {"minimind": minimind_files, "llama": llama_files, "qwen3": qwen3_files, "minimind3": minimind3_files}
+
+
+def check_format(config: LMConfig, fmt: str, dtype: torch.dtype) -> None:
+    """Refuse a model the format cannot hold, before anything is built or written (ValueError says why)."""
+    if fmt == "llama":
+        llama_config(config, dtype)
+    elif fmt == "qwen3":
+        qwen3_config(config, dtype)
+    elif fmt == "minimind3":
+        check_family(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # shared parts
 
 
@@ -234,6 +313,13 @@ def write_generation_config(folder: Path, config: LMConfig):
 
 
 def write_readme(folder: Path, fmt: str, ckpt: str):
+    if fmt == "minimind3":
+        (folder / "README.md").write_text(
+            f"# MiniMind-3 layout\n\nExported from `{Path(ckpt).name}` by MiniMind's `export_model.py`, in the layout "
+            "MiniMind-3 publishes its weights in. MiniMind's scripts read it with no model flags, e.g.\n"
+            "`python 2-eval.py --ckpt path/to/this/folder`; for vanilla transformers export with `--format qwen3`.\n",
+            encoding="utf-8")
+        return
     remote = ", trust_remote_code=True" if fmt == "minimind" else ""
     text = f"""# MiniMind ({fmt} format)
 
@@ -281,9 +367,14 @@ def compare_logits(folder: Path, model, fmt: str, dtype: torch.dtype, seed: int 
 
         model_class = get_class_from_dynamic_module(AUTO_MAP["AutoModelForCausalLM"], str(folder))
         forget_module_copy(folder)
+        exported = model_class.from_pretrained(str(folder), dtype=torch.float32).eval()
+    elif fmt == "minimind3":  # transformers has no class for this layout: read it back as --ckpt/--init do
+        config, state = read_minimind3(folder)
+        exported = MiniMindForCausalLM(config)
+        exported.load_state_dict(state, strict=True)
+        exported = exported.float().eval()
     else:
-        model_class = AutoModelForCausalLM
-    exported = model_class.from_pretrained(str(folder), dtype=torch.float32).eval()
+        exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     reference = copy.deepcopy(model).to("cpu", dtype).float().eval()
     g = torch.Generator().manual_seed(seed)
     length = min(16, reference.config.context_length)
@@ -303,22 +394,21 @@ def compare_logits(folder: Path, model, fmt: str, dtype: torch.dtype, seed: int 
 
 
 def export(model, out_dir: Path, fmt: str = "minimind", dtype: torch.dtype = torch.float32,
-           tokenizer_dir: Path = TOKENIZER_DIR, force: bool = False, verify: bool = True, ckpt: str = "") -> Path:
+           tokenizer_dir: Path | None = None, force: bool = False, verify: bool = True, ckpt: str = "") -> Path:
     """Write `model` as a transformers folder at out_dir: built under a temporary name, checked, then renamed."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to replace it")
-    if fmt == "llama":
-        llama_config(model.config, dtype)  # an MoE model fails here, before anything is written
+    check_format(model.config, fmt, dtype)  # e.g. an MoE model as llama fails here, before anything is written
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The temp name must be a Python identifier: transformers 4.x imports the folder's remote code under its name
     # unchanged, and a "." there splits the module path (mkdtemp adds only [a-z0-9_]).
     safe = re.sub(r"\W", "_", out_dir.name)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"_{safe}_tmp_"))
     try:
-        (minimind_files if fmt == "minimind" else llama_files)(model, tmp, dtype)
+        WRITERS[fmt](model, tmp, dtype)
         write_generation_config(tmp, model.config)
-        write_tokenizer(Path(tokenizer_dir), tmp, model.config)
+        write_tokenizer(Path(tokenizer_dir or family_tokenizer_dir(model.config)), tmp, model.config)
         write_readme(tmp, fmt, ckpt)
         if verify:
             diff, scale = compare_logits(tmp, model, fmt, dtype)
@@ -353,10 +443,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Export a MiniMind .pth checkpoint as a transformers folder.")
     parser.add_argument("--ckpt", required=True, help="a .pth state dict, e.g. out/full_sft_512.pth")
     parser.add_argument("--out_dir", required=True, help="the folder to create")
-    parser.add_argument("--format", choices=("minimind", "llama"), default="minimind",
-                        help="minimind: our classes via trust_remote_code (dense and MoE); llama: native Llama (dense)")
+    parser.add_argument("--format", choices=tuple(WRITERS), default="minimind",
+                        help="minimind: our classes via trust_remote_code (dense and MoE); llama: native Llama (v1, "
+                             "dense); qwen3: native Qwen3 / Qwen3-MoE (MiniMind-3 family); minimind3: MiniMind-3's "
+                             "published layout")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
-    parser.add_argument("--tokenizer_dir", default=str(TOKENIZER_DIR))
+    parser.add_argument("--tokenizer_dir", default=None, help="default: the bundled tokenizer of the model's family")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists and is not empty")
     parser.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
     add_model_args(parser)
@@ -365,16 +457,18 @@ def main(argv=None) -> int:
     try:
         ckpt = read_checkpoint(args.ckpt, model_flags(args))  # the shape comes from the file
         config = ckpt.config
-        if args.format == "llama":
-            llama_config(config, DTYPES[args.dtype])  # refuse MoE before building anything
+        check_format(config, args.format, DTYPES[args.dtype])  # refuse before building anything
         model = load_model(ckpt, device="cpu", dtype=torch.float32)
-        out = export(model, Path(args.out_dir), args.format, DTYPES[args.dtype], Path(args.tokenizer_dir),
+        out = export(model, Path(args.out_dir), args.format, DTYPES[args.dtype], args.tokenizer_dir,
                      force=args.force, verify=not args.no_verify, ckpt=args.ckpt)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     remote = ", trust_remote_code=True" if args.format == "minimind" else ""
     print(f"exported {args.ckpt} ({config.file_suffix}, {args.format} format, {args.dtype}) to {out}")
+    if args.format == "minimind3":
+        print(f"load it with this project's scripts, e.g. python 2-eval.py --ckpt {out}")
+        return 0
     print(f'load it with AutoModelForCausalLM.from_pretrained("{out}"{remote})')
     print(f"and its tokenizer with {TOKENIZER_LOAD.format(folder=out)}")
     return 0

@@ -24,6 +24,7 @@ from .model import MiniMindForCausalLM
 PACKAGE_DIR = Path(__file__).resolve().parent
 ROOT_DIR = PACKAGE_DIR.parent
 TOKENIZER_DIR = PACKAGE_DIR / "minimind_tokenizer"
+TOKENIZER3_DIR = PACKAGE_DIR / "minimind3_tokenizer"  # the MiniMind-3 family's (ChatML, thinking, tool calls)
 OUT_DIR = ROOT_DIR / "out"
 
 
@@ -57,6 +58,11 @@ def default_device() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def family_tokenizer_dir(config: LMConfig) -> Path:
+    """The bundled tokenizer of the config's family: MiniMind-3's for QK-norm + rotate-half models, else v1's."""
+    return TOKENIZER3_DIR if config.qk_norm and config.rope_layout == "half" else TOKENIZER_DIR
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):
