@@ -25,7 +25,7 @@ DEFAULT_PROMPTS = ["中国的首都是", "长江是", "人工智能是", "今天
 parser = argparse.ArgumentParser(description="continue prompts with a pretrained MiniMind checkpoint")
 add_model_args(parser)
 parser.add_argument("--ckpt", type=str, default=None, help="weights (default: the newest out/pretrain_<dim>.pth)")
-parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer folder (default the bundled one)")
+parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer folder (default: the bundled one of the model's family)")
 parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
 parser.add_argument("--prompts_file", type=str, default=None, help="a text file, one prompt per line")
 parser.add_argument("--batch", action="store_true", help="generate all prompts in one batch instead of streaming")
@@ -45,7 +45,7 @@ def main(argv=None):
     ckpt = Path(args.ckpt) if args.ckpt else find_checkpoint(OUT_DIR, "pretrain", model_flags(args))
     device = args.device or default_device()
     model = load_model(ckpt, device=device, dtype=resolve_dtype(None, device, fp16_fallback=False), flags=model_flags(args))
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, model.config)
 
     prompts = list(args.prompt or [])
     if args.prompts_file:

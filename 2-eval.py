@@ -30,7 +30,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat with a MiniMind checkpoint")
     parser.add_argument("--ckpt", default=None, help="weights to load (default: the newest out/full_sft_<dim>.pth)")
     parser.add_argument("--lora_dir", default=None, help="a peft LoRA adapter (from 4-lora_sft.py) to apply on top")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: model/minimind_tokenizer)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one of the model's family)")
     parser.add_argument("--device", default=None, help="cuda / cpu / mps (default: the best available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--system", default="", help="system prompt, kept at the start of every prompt")
@@ -151,9 +151,9 @@ def main(argv=None):
     except ValueError as err:
         sys.exit(str(err))
 
-    tokenizer = load_tokenizer(args.tokenizer)
     model = load_model(ckpt, device="cpu", flags=model_flags(args))
     config = model.config
+    tokenizer = load_tokenizer(args.tokenizer, config)
     if args.lora_dir:
         from model.lora import apply_adapter
         model = apply_adapter(model, args.lora_dir)

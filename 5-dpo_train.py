@@ -75,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--lora_alpha", type=float, default=16)
     parser.add_argument("--lora_dropout", type=float, default=0.0)
     parser.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS))
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: model/minimind_tokenizer)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one of the model's family)")
     add_model_args(parser)
     # DPO moves a fine-tuned model a little: a small LR, small batches of (chosen, rejected) pairs.
     add_train_args(parser, data_path=str(ROOT / "dataset" / "dpo_data.jsonl"), learning_rate=5e-6,
@@ -150,7 +150,7 @@ def main(argv=None):
     config, suffix = ckpt.config, ckpt.config.file_suffix
     train_set, val_set = split_pairs(records_to_dataset(load_dpo_records(args.data_path)), args.val_fraction,
                                      args.seed)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, config)
 
     policy = MiniMindForDPO(config)
     policy.load_state_dict(ckpt.state, strict=True)

@@ -49,7 +49,7 @@ def load_engine(ckpt: str, modified: float, flags: tuple, tokenizer_dir: str | N
     dtype = resolve_dtype(None, device, fp16_fallback=False)
     model = load_model(ckpt, device=device, dtype=dtype, flags=dict(flags))  # the shape comes from the file
     # One engine for every tab: its scheduler thread batches the tabs' replies together.
-    return ChatEngine(model, load_tokenizer(tokenizer_dir), max_batch=8).start()
+    return ChatEngine(model, load_tokenizer(tokenizer_dir, model.config), max_batch=8).start()
 
 
 def show_name(path: Path) -> str:

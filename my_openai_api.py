@@ -81,7 +81,7 @@ def main():
     model = load_model(ckpt, device=device, dtype=dtype, flags=model_flags(args))  # the shape comes from the file
     config = model.config
     try:
-        tokenizer = load_tokenizer(args.tokenizer_dir)
+        tokenizer = load_tokenizer(args.tokenizer_dir, config)
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
     chat = ChatEngine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk).start()

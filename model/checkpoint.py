@@ -65,10 +65,11 @@ def family_tokenizer_dir(config: LMConfig) -> Path:
     return TOKENIZER3_DIR if config.qk_norm and config.rope_layout == "half" else TOKENIZER_DIR
 
 
-def load_tokenizer(path: str | os.PathLike | None = None):
+def load_tokenizer(path: str | os.PathLike | None = None, config: LMConfig | None = None):
+    """The tokenizer at `path`; by default the bundled one of `config`'s family (v1's without a config)."""
     from transformers import AutoTokenizer
 
-    path = Path(path) if path else TOKENIZER_DIR
+    path = Path(path) if path else (family_tokenizer_dir(config) if config is not None else TOKENIZER_DIR)
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer at {path} (expected tokenizer.json; run train_tokenizer.py)")
     return AutoTokenizer.from_pretrained(str(path))
