@@ -16,6 +16,8 @@ import argparse
 
 from transformers import PretrainedConfig
 
+from .errors import UsageError
+
 
 class LMConfig(PretrainedConfig):
     model_type = "minimind"
@@ -83,6 +85,12 @@ class LMConfig(PretrainedConfig):
         self.rope_layout = rope_layout
         self.yarn = dict(yarn) if yarn else None
         self.max_position_embeddings = max_position_embeddings or max_seq_len
+        if self.yarn:  # `--rope_scaling yarn --rope_factor F`: YaRN over the length the model was trained at
+            self.yarn.setdefault("original_max_position_embeddings", max_seq_len)
+            for key, value in (("beta_fast", 32.0), ("beta_slow", 1.0), ("attention_factor", 1.0)):
+                self.yarn.setdefault(key, value)
+            reach = int(self.yarn["original_max_position_embeddings"] * self.yarn["factor"])
+            self.max_position_embeddings = max(self.max_position_embeddings, reach)
         self.moe_hidden_dim = moe_hidden_dim
         # v1 ties the output projection to the token embedding; token ids match the bundled tokenizer.
         kwargs.setdefault("tie_word_embeddings", True)
@@ -156,6 +164,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--use_moe", action="store_true", default=None, help="mixture-of-experts feed-forward layers")
     g.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="linear RoPE scaling, to run past the training length")
+    g.add_argument("--rope_scaling", choices=("linear", "yarn"), default=None,
+                   help="with --rope_factor F: reach F times the training length, by linear position interpolation "
+                        "or by YaRN (MiniMind-3's: slow frequencies stretched, fast ones kept); either family")
+    g.add_argument("--rope_factor", type=float, default=None, help="the factor for --rope_scaling")
     return parser
 
 
@@ -170,6 +182,13 @@ def model_flags(args: argparse.Namespace) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    scaling, factor = getattr(args, "rope_scaling", None), getattr(args, "rope_factor", None)
+    if (scaling is None) != (factor is None):
+        raise UsageError("--rope_scaling and --rope_factor go together, e.g. --rope_scaling yarn --rope_factor 4")
+    if scaling == "linear":
+        fields["rope_scaling_factor"] = factor
+    elif scaling == "yarn":
+        fields["yarn"] = {"factor": factor}  # over the loaded model's own training length (LMConfig fills it in)
     return fields
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -327,30 +328,117 @@ class ShardedSampler(Sampler[int]):
 
 # ----------------------------------------------------------------------------------------------------------------
 # SFT: chat-template rendering with an answer-only mask
+#
+# Messages: {"role": "system"|"user"|"assistant"|"tool", "content": str}; an assistant message may also carry
+# "reasoning_content" (str) and "tool_calls" (OpenAI's {"type": "function", "function": {"name", "arguments"}} or a
+# flat {"name", "arguments"}; arguments an object or JSON text). A "tools" list (the functions the assistant may
+# call) is passed to the template; MiniMind-3's data carries it on the system message or the first message.
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _parse_json_field(value, what: str):
+    """MiniMind-3's data sometimes stores tools/tool_calls as JSON text rather than as lists."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"'{what}' is a string but not valid JSON") from None
+    return value
+
+
+def _tool_call_parts(call) -> tuple[str, str | dict]:
+    """(name, arguments) of one tool call in either accepted form; ValueError if it is neither."""
+    inner = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
+    if not isinstance(inner, dict) or not isinstance(inner.get("name"), str) or not inner["name"]:
+        raise ValueError("each tool call needs a non-empty string 'name'")
+    if not isinstance(inner.get("arguments"), (str, dict)):
+        raise ValueError("a tool call's 'arguments' must be an object or a JSON string")
+    return inner["name"], inner["arguments"]
+
+
+def _prepare(messages, tools):
+    """(messages as the template takes them, tools or None). A `tools` list carried on the system message or the
+    first message moves to the template's `tools` argument; JSON-text tools/tool_calls are parsed; an assistant
+    message that only calls tools may leave its content null. Copies; the caller's messages are not changed."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    if not all(isinstance(m, dict) for m in messages):
+        raise ValueError("each message must be a dict with string 'role' and 'content'")
+    carriers = {0, 1} if messages[0].get("role") == "system" else {0}
+    prepared = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        if "tools" in m:
+            if i not in carriers:
+                raise ValueError(f"message {i}: 'tools' may only sit on the system message or the first message")
+            if tools is not None:
+                raise ValueError("'tools' is given twice")
+            tools = m.pop("tools")
+        if m.get("tool_calls") is not None:
+            m["tool_calls"] = _parse_json_field(m["tool_calls"], "tool_calls")
+        if m.get("role") == "assistant" and m.get("tool_calls") and m.get("content") is None:
+            m["content"] = ""
+        prepared.append(m)
+    tools = _parse_json_field(tools, "tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("'tools' must be a list of function descriptions (objects)")
+    return prepared, tools or None
+
+
+def _check_message(i: int, m: dict) -> None:
+    if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        raise ValueError(f"message {i}: each message must be a dict with a 'role' in {ROLES} and string 'content'")
+    if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
+        raise ValueError(f"message {i}: 'reasoning_content' must be a string")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant" or not isinstance(calls, list):
+            raise ValueError(f"message {i}: 'tool_calls' must be a list, on an assistant message")
+        for call in calls:
+            _tool_call_parts(call)
+
+
+def _check_order(messages, last_role: str) -> None:
+    """After an optional system message: a user turn first; user -> assistant; assistant -> user, or tool when
+    it called tools; tool -> tool or assistant. Training data ends with an assistant message, a prompt
+    (last_role="user") with a user message or tool results."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    allowed = ("user",)
+    for i in range(start, len(messages)):
+        m = messages[i]
+        if m["role"] not in allowed:
+            raise ValueError(f"message {i} should be role {' or '.join(map(repr, allowed))}, got {m['role']!r}")
+        allowed = {"user": ("assistant",), "tool": ("tool", "assistant"),
+                   "assistant": ("user", "tool") if m.get("tool_calls") else ("user",)}[m["role"]]
+    ends = ("assistant",) if last_role == "assistant" else ("user", "tool")
+    if len(messages) == start or messages[-1]["role"] not in ends:
+        raise ValueError("after an optional system message, messages must alternate user/assistant (tool results "
+                         "answering an assistant's tool calls) and end with "
+                         + ("an assistant message" if last_role == "assistant" else "a user message or tool results"))
+
+
+def _checked(messages, tools, last_role: str):
+    messages, tools = _prepare(messages, tools)
+    for i, m in enumerate(messages):
+        _check_message(i, m)
+    _check_order(messages, last_role)
+    return messages, tools
 
 
 def validate_messages(messages, last_role: str = "assistant") -> None:
-    """Raise ValueError unless `messages` is an optional system message, then user/assistant turns alternating
-    from a user turn, ending with a `last_role` message ("assistant" for training data, "user" for a prompt)."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError("each message must be a dict with string 'role' and 'content'")
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
-    if not turns or len(turns) % 2 != (last_role == "user"):
-        raise ValueError("after an optional system message, messages must alternate user/assistant and end with "
-                         f"a{'n' if last_role == 'assistant' else ''} {last_role} message")
-    for i, m in enumerate(turns):
-        want = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise ValueError(f"message {i} should be role {want!r}, got {m['role']!r}")
+    """Raise ValueError unless `messages` is a well-formed conversation (see `_check_order`) ending with an
+    assistant message (last_role="assistant", training data) or, for a prompt (last_role="user"), with a user
+    message or tool results."""
+    _checked(messages, None, last_role)
 
 
-def _render(tokenizer, messages) -> str:
+def _render(tokenizer, messages, tools=None, **kwargs) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False)
+    if tools:
+        kwargs["tools"] = tools
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
 
 
 def _encode_text(tokenizer, text: str, literal: bool) -> list[int]:
@@ -361,84 +449,248 @@ def _encode_text(tokenizer, text: str, literal: bool) -> list[int]:
 
 
 _PROBE = "\x00MINIMIND-CONTENT\x00"  # stands in for a message's content to find the template text around it
+# Stands in for the i-th text field of a message group. Private-use characters rather than _PROBE's NULs because
+# tool-call names go through the template's tojson, which would escape a NUL.
+_FIELD_PROBE = "\ue000MINIMIND-FIELD-{}\ue001"
 
 
-def _encode_messages(tokenizer, messages):
-    """Yield (message, pre, body, post) for each message: the token ids of the template text before its content,
-    of the content itself (special-token strings in it stay literal) and of the template text after it.
+def _probe_message(message: dict, j: int, fields: dict) -> dict:
+    """`message` with each non-empty text field (content, reasoning, each tool call's name and arguments) replaced
+    by a new probe, recorded in `fields` as probe -> ((j, field name), the field's text)."""
+    def probe(name: str, text: str) -> str:
+        p = _FIELD_PROBE.format(len(fields))
+        fields[p] = ((j, name), text)
+        return p
 
-    Each message's text is the difference between the renderings of consecutive prefixes, so any template that
-    renders messages one after another works. Where the content sits in that text is found by rendering the
-    message once more with a placeholder content, so content that also occurs in the template text (e.g. "<s>")
-    is never mistaken for it.
+    probed = dict(message)
+    for key in ("content", "reasoning_content"):
+        if isinstance(message.get(key), str) and message[key]:
+            probed[key] = probe(key, message[key])
+    calls = []
+    for call in message.get("tool_calls") or []:
+        name, args = _tool_call_parts(call)
+        text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)  # what tojson gives
+        inner = call["function"] if isinstance(call.get("function"), dict) else call
+        new = {**inner, "name": probe("tool_call", name), "arguments": probe("tool_call", text) if text else text}
+        calls.append({**call, "function": new} if inner is not call else new)
+    if calls:
+        probed["tool_calls"] = calls
+    return probed
+
+
+def _probe_variants(group: list[dict]) -> list[tuple[list[dict], dict]]:
+    """Probed copies of a message group to try in turn. The second, for an assistant whose content starts with
+    '<think>...</think>', probes that reasoning as reasoning_content: a template that splits such content (as
+    MiniMind-3's does) would not find the split in a probe."""
+    variants = [group]
+    m = group[0]
+    content = m.get("content") or ""
+    if m["role"] == "assistant" and not isinstance(m.get("reasoning_content"), str) and "</think>" in content:
+        reasoning, _, answer = content.partition("</think>")
+        variants.append([{**m, "reasoning_content": reasoning.split("<think>")[-1], "content": answer}])
+    probed = []
+    for variant in variants:
+        fields: dict = {}
+        probed.append(([_probe_message(m, j, fields) for j, m in enumerate(variant)], fields))
+    return probed
+
+
+def _align(piece: str, probe_piece: str, fields: dict):
+    """Split `piece` into [(text, (j, field) or None for template text)], given the same text rendered with
+    probes: the template text around the probes must match exactly, and each field's text is what lies between
+    (as rendered, so a template may strip or escape it). None where `piece` does not fit."""
+    found = re.findall("|".join(map(re.escape, fields)), probe_piece) if fields else []
+    if len(set(found)) != len(found):
+        return None
+    glue = re.split("|".join(map(re.escape, found)), probe_piece) if found else [probe_piece]
+    parts, pos = [], 0
+    for i, p in enumerate(found):
+        before, after = glue[i], glue[i + 1]
+        if not piece.startswith(before, pos):
+            return None
+        pos += len(before)
+        tag, text = fields[p]
+        if i + 1 == len(found):  # the last field runs up to the closing template text
+            end = len(piece) - len(after) if piece.endswith(after) else -1
+        elif piece.startswith(text + after, pos):  # the field as given: no search, so no false match inside it
+            end = pos + len(text)
+        else:
+            end = piece.find(after, pos) if after else -1
+        if end < pos:
+            return None
+        parts += [(before, None), (piece[pos:end], tag)]
+        pos = end
+    if piece[pos:] != glue[-1]:
+        return None
+    return parts + [(glue[-1], None)]
+
+
+def _first_occurrences(piece: str, group: list[dict]):
+    """The split when no probing fits (the template rewrites the text): each content at its first occurrence."""
+    parts, pos = [], 0
+    for j, m in enumerate(group):
+        content = m.get("content") or ""
+        at = piece.find(content, pos) if content else -1
+        if at >= 0:
+            parts += [(piece[pos:at], None), (content, (j, "content"))]
+            pos = at + len(content)
+    return parts + [(piece[pos:], None)]
+
+
+def _group_parts(tokenizer, messages, start: int, end: int, rendered: str, tools):
+    """(rendering of messages[:end], [(text, (j, field) or None)] of what messages[start:end] add to `rendered`)."""
+    full = _render(tokenizer, messages[:end], tools)
+    if not full.startswith(rendered):
+        raise ValueError("the chat template does not render messages incrementally; cannot mark answer tokens")
+    piece, group = full[len(rendered):], list(messages[start:end])
+    for probed, fields in _probe_variants(group):
+        probe_piece = _render(tokenizer, [*messages[:start], *probed], tools)
+        parts = _align(piece, probe_piece[len(rendered):], fields) if probe_piece.startswith(rendered) else None
+        if parts is None:
+            continue
+        dropped = [fields[p][0] for p in fields if p not in probe_piece]
+        if dropped:  # e.g. v1's template shows no tool messages, tool calls or reasoning
+            j, name = dropped[0]
+            raise ValueError(f"the chat template does not render a {group[j]['role']} message's {name}; use a "
+                             f"tokenizer whose template does (model/minimind3_tokenizer)")
+        return full, parts
+    return full, _first_occurrences(piece, group)
+
+
+def _groups(messages):
+    """(start, end) of each message, except that a run of tool messages is one group: a template may render the
+    run as one turn closed only at its end (MiniMind-3: one user turn of <tool_response> blocks), so only the
+    rendering at the run's end is a prefix of what follows."""
+    start = 0
+    while start < len(messages):
+        end = start + 1
+        while messages[start]["role"] == "tool" and end < len(messages) and messages[end]["role"] == "tool":
+            end += 1
+        yield start, end
+        start = end
+
+
+def _opening(tokenizer, messages, tools) -> str:
+    """Template text before the first message when that is not a system message (MiniMind-3's system turn
+    describing the tools). Kept apart so that truncation treats it as the system prompt, not as the first turn."""
+    if not tools or messages[0]["role"] == "system":
+        return ""
+    with_tools, without = _render(tokenizer, messages[:1], tools), _render(tokenizer, messages[:1])
+    return with_tools[: len(with_tools) - len(without)] if with_tools.endswith(without) else ""
+
+
+def _message_parts(tokenizer, messages, tools=None):
+    """Yield (message, [(ids, field or None)]) per message, in order, with (None, ...) first for an `_opening`.
+
+    Each group's text is the difference between renderings of consecutive prefixes, so any template that renders
+    messages one after another works. Within it, the text fields are found by rendering once more with probes in
+    their place (`_align`), so text that also occurs in the template (e.g. "<s>") is never mistaken for a field.
+    Fields (field = "content", "reasoning_content" or "tool_call") are encoded literally: special-token strings
+    typed in them stay text; template text (field None) is encoded with its special tokens.
     """
-    rendered = ""
-    for k, message in enumerate(messages):
-        full = _render(tokenizer, messages[: k + 1])
-        if not full.startswith(rendered):
-            raise ValueError("the chat template does not render messages incrementally; cannot mark answer tokens")
-        piece, content = full[len(rendered):], message["content"]
-        probe = _render(tokenizer, [*messages[:k], {**message, "content": _PROBE}])[len(rendered):]
-        if content and probe.count(_PROBE) == 1 and probe.replace(_PROBE, content) == piece:
-            before, after = probe.split(_PROBE)
-        else:  # the template changes the content (or it is empty): fall back to its first occurrence
-            at = piece.find(content) if content else -1
-            before, after = (piece[:at], piece[at + len(content):]) if at >= 0 else (piece, "")
-            content = content if at >= 0 else ""
-        rendered = full
-        yield (message, _encode_text(tokenizer, before, False), _encode_text(tokenizer, content, True),
-               _encode_text(tokenizer, after, False))
+    rendered = _opening(tokenizer, messages, tools)
+    if rendered:
+        yield None, [(_encode_text(tokenizer, rendered, False), None)]
+    for start, end in _groups(messages):
+        rendered, parts = _group_parts(tokenizer, messages, start, end, rendered, tools)
+        # template text goes with the message whose field follows it; the text after the last field, with the last
+        per_message = [[] for _ in range(start, end)]
+        owner = end - start - 1
+        for text, tag in reversed(parts):
+            owner = owner if tag is None else tag[0]
+            if text:
+                per_message[owner].append((_encode_text(tokenizer, text, tag is not None), tag and tag[1]))
+        for j, message_parts in enumerate(per_message):
+            yield messages[start + j], message_parts[::-1]
 
 
-def conversation_segments(tokenizer, messages) -> tuple[list[int], list[bool], list[int]]:
+def _encode_messages(tokenizer, messages, tools=None):
+    """Yield (message, pre, body, post) for each message: the token ids of what the template renders before its
+    content, of the content itself (special-token strings in it stay literal) and of what it renders after it
+    (for an assistant: its reasoning is in pre, its tool calls in post). See `_message_parts`."""
+    for message, parts in _message_parts(tokenizer, messages, tools):
+        at = next((i for i, (_, field) in enumerate(parts) if field == "content"), len(parts))
+        pre, body, post = parts[:at], parts[at:at + 1], parts[at + 1:]
+        yield message, *([i for ids, _ in chunk for i in ids] for chunk in (pre, body, post))
+
+
+_ROLE_HEADERS: dict[str, str] = {}
+
+
+def _role_header(tokenizer) -> str:
+    """The first line of the template's generation prompt: ChatML's '<|im_start|>assistant\\n' (v1's user turn
+    already ends with it, so there it is empty). The prompt supplies it, so it is never an answer token."""
+    key = str(tokenizer.chat_template)
+    if key not in _ROLE_HEADERS:
+        probe = [{"role": "user", "content": "x"}]
+        rendered = _render(tokenizer, probe)
+        prompt = _render(tokenizer, probe, add_generation_prompt=True)
+        prompt = prompt[len(rendered):] if prompt.startswith(rendered) else ""
+        _ROLE_HEADERS[key] = prompt[: prompt.find("\n") + 1] if "\n" in prompt else prompt
+    return _ROLE_HEADERS[key]
+
+
+def _assistant_mask(parts, header: list[int], eos_id) -> tuple[list[int], list[bool]]:
+    """ids and answer mask of one assistant message: True on everything the template renders for it (reasoning
+    and its <think> tags, answer, tool calls) from after the role header through its last end token; the text
+    after that (the newline between turns) is glue that no reply has to produce."""
+    ids = [i for chunk, _ in parts for i in chunk]
+    first, last = (parts[0], parts[-1]) if parts else (([], ""), ([], ""))
+    start = len(header) if first[1] is None and header and first[0][: len(header)] == header else 0
+    end = len(ids)
+    if last[1] is None and eos_id in last[0]:
+        end -= last[0][::-1].index(eos_id)
+    return ids, [start <= i < end for i in range(len(ids))]
+
+
+def conversation_segments(tokenizer, messages, tools=None) -> tuple[list[int], list[bool], list[int]]:
     """(ids, answer_mask, turn_bounds) of the whole conversation, untruncated.
 
-    Each message is encoded in three parts (see `_encode_messages`): the template text before the content, the
-    content itself (special-token strings in it stay literal), and the template text after it. The answer mask is
-    True on an assistant message's content tokens and on the `</s>` that closes it; the template glue
-    ('<s>user\\n', '<s>assistant\\n', the newline after '</s>') and every system/user token are False.
+    The answer mask is True on every assistant message's rendering between its role header and the newline after
+    its end token: for v1 the content and its '</s>'; for MiniMind-3 '<think>\\n{reasoning}\\n</think>\\n\\n',
+    the answer, its '<tool_call>...</tool_call>' blocks and the '<|im_end|>'. The role header ('<|im_start|>
+    assistant\\n', v1's '<s>assistant\\n'), that newline, and every system, user and tool token are False.
 
-    turn_bounds = [end of the system prompt (0 if none), end of user/assistant pair 1, end of pair 2, ...].
+    turn_bounds = [end of the system prompt (a system message, or the template's tools description; 0 if none),
+    end of pair 1, end of pair 2, ...], a pair being the user or tool turns and the assistant message that
+    answers them. `tools` adds to a `tools` list carried on the system or first message (not both).
     """
-    validate_messages(messages)
-    eos_id = tokenizer.eos_token_id
+    messages, tools = _checked(messages, tools, "assistant")
+    header = _encode_text(tokenizer, _role_header(tokenizer), False)
     ids: list[int] = []
     mask: list[bool] = []
     bounds: list[int] = []
-    has_system = messages[0]["role"] == "system"
-    for k, (message, pre, body, post) in enumerate(_encode_messages(tokenizer, messages)):
-        is_answer = message["role"] == "assistant"
-        ids += pre + body
-        mask += [False] * len(pre) + [is_answer] * len(body)
-        if is_answer and post and post[0] == eos_id:  # the closing </s> is part of the answer
-            ids.append(post[0])
-            mask.append(True)
-            post = post[1:]
-        ids += post
-        mask += [False] * len(post)
-        if k == 0 and has_system:
-            bounds.append(len(ids))
-        elif is_answer:
-            if not bounds:
-                bounds.append(0)
-            bounds.append(len(ids))
+    for message, parts in _message_parts(tokenizer, messages, tools):
+        role = "system" if message is None else message["role"]
+        if role == "assistant":
+            piece, answer = _assistant_mask(parts, header, tokenizer.eos_token_id)
+        else:
+            piece = [i for chunk, _ in parts for i in chunk]
+            answer = [False] * len(piece)
+        ids += piece
+        mask += answer
+        if role == "system":
+            bounds = [len(ids)]
+        elif role == "assistant":
+            bounds = (bounds or [0]) + [len(ids)]
     return ids, mask, bounds
 
 
-def encode_prompt(tokenizer, messages) -> list[int]:
-    """Token ids of a conversation that ends with a user message, up to where the assistant's reply starts.
+def encode_prompt(tokenizer, messages, tools=None, enable_thinking: bool | None = None) -> list[int]:
+    """Token ids of a conversation that ends with a user message (or tool results), up to where the assistant's
+    reply starts.
 
     Encoded exactly as `conversation_segments` encodes training data, so for a conversation C ending with an
-    assistant message, encode_prompt(C[:-1]) is a prefix of conversation_segments(C)[0]; and '<s>'/'</s>' typed
-    in a message stay literal text, so a user cannot fake a turn. Any generation prompt the template adds
-    (add_generation_prompt=True) after the last message is appended as template text.
+    assistant message, encode_prompt(C[:-1]) is a prefix of conversation_segments(C)[0] (MiniMind-3: with
+    enable_thinking on when that reply has reasoning, off when it has none); and special-token strings typed in
+    a message stay literal text, so a user cannot fake a turn. The generation prompt the template adds
+    (add_generation_prompt=True, with `enable_thinking` passed on when given) is appended as template text.
     """
-    validate_messages(messages, last_role="user")
-    ids: list[int] = []
-    for _, pre, body, post in _encode_messages(tokenizer, messages):
-        ids += pre + body + post
-    rendered = _render(tokenizer, messages)
-    with_header = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    messages, tools = _checked(messages, tools, "user")
+    ids = [i for _, parts in _message_parts(tokenizer, messages, tools) for chunk, _ in parts for i in chunk]
+    rendered = _render(tokenizer, messages, tools)
+    switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    with_header = _render(tokenizer, messages, tools, add_generation_prompt=True, **switch)
     if not with_header.startswith(rendered):
         raise ValueError("the chat template's generation prompt does not follow the rendered messages")
     return ids + _encode_text(tokenizer, with_header[len(rendered):], False)
