@@ -3,12 +3,17 @@
     python data_process.py pretrain --input ../shared/data/pretrain_zh-0*.jsonl.gz --output dataset/pretrain_data.bin
     python data_process.py pretrain --input seq_monkey.jsonl --output dataset/pretrain_data.bin --dedup
     python data_process.py sft      --input sft_data_zh.jsonl --output dataset/sft_data.bin --max_seq_len 512
+    python data_process.py sft      --input dataset/sft_minimind3_sample.jsonl --output dataset/sft3_data.bin \
+                                    --tokenizer model/minimind3_tokenizer
     python data_process.py dpo      --input dpo_zh.jsonl.gz --output dataset/dpo_data.jsonl
 
 Inputs are .jsonl or .jsonl.gz (pretrain also takes .csv/.csv.gz with a `text` column):
 - pretrain: Seq-Monkey {"text": ...}; each document becomes <s> tokens </s>, kept whole however long.
 - sft: deepctrl {"history": [[q, a], ...], "input"/"q", "output"/"a"} (an "instruction" is put before the input,
   an optional "system" becomes the system prompt), or {"messages"/"conversations": [{"role", "content"}, ...]}.
+  MiniMind-3's conversations may also have "tool" messages and, on assistant messages, "reasoning_content" and
+  "tool_calls"; a "tools" list sits on the system or first message (or beside "conversations"). Render those with
+  `--tokenizer model/minimind3_tokenizer`: v1's template shows none of them, so such lines are reported malformed.
 - dpo: {"chosen": [messages], "rejected": [messages]} -> JSONL {"prompt", "chosen", "rejected"} strings.
 
 Files are read as a stream in chunks of lines and tokenized by a pool of worker processes, with at most a few
@@ -108,6 +113,14 @@ def bounded_imap(pool, fn, items, max_pending: int):
 _worker = {}
 
 
+def document_markers(tokenizer_dir: str) -> tuple[str, str]:
+    """The tokens around each pretraining document: the tokenizer's own bos/eos (v1: <s> </s>; MiniMind-3:
+    <|im_start|> <|im_end|>), from its tokenizer_config.json."""
+    config_file = Path(tokenizer_dir) / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    return settings.get("bos_token") or "<s>", settings.get("eos_token") or "</s>"
+
+
 def init_worker(stage: str, tokenizer_dir: str, dedup: bool, num_perm: int, max_seq_len: int | None):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the process pool
     _worker.update(stage=stage, dedup=dedup, num_perm=num_perm, max_seq_len=max_seq_len)
@@ -116,7 +129,8 @@ def init_worker(stage: str, tokenizer_dir: str, dedup: bool, num_perm: int, max_
 
         tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
         tok.encode_special_tokens = True  # a literal "</s>" in a document is text, not a document boundary
-        _worker.update(tok=tok, bos=tok.token_to_id("<s>"), eos=tok.token_to_id("</s>"))
+        bos, eos = document_markers(tokenizer_dir)
+        _worker.update(tok=tok, bos=tok.token_to_id(bos), eos=tok.token_to_id(eos))
     else:
         from model.checkpoint import load_tokenizer
 
@@ -204,7 +218,7 @@ def sft_chunk(chunk):
                 why = msgs
             else:
                 try:
-                    ids, mask, bounds = conversation_segments(_worker["tok"], msgs)
+                    ids, mask, bounds = conversation_segments(_worker["tok"], msgs, tools=obj.get("tools"))
                 except ValueError as err:
                     why = str(err)
                 else:
@@ -371,7 +385,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p = sub.add_parser(stage)
         p.add_argument("--input", nargs="+", required=True, help=".jsonl / .jsonl.gz (pretrain: also .csv)")
         p.add_argument("--output", required=True)
-        p.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
+        p.add_argument("--tokenizer", default=str(TOKENIZER_DIR),
+                       help="tokenizer folder; its chat template renders sft/dpo data (MiniMind-3: "
+                            "model/minimind3_tokenizer)")
         p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (1: inline)")
         p.add_argument("--chunk_lines", type=int, default=1000, help="lines per task sent to a worker")
         if stage == "pretrain":

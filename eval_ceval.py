@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import TOKENIZER_DIR, default_device, load_model, load_tokenizer, read_checkpoint, resolve_dtype
+from model.checkpoint import default_device, load_model, load_tokenizer, read_checkpoint, resolve_dtype
 from model.dataset import encode_prompt
 from model.engine import last_token_logits
 from model.errors import exit_on_usage_error
@@ -299,7 +299,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=16, help="questions scored per forward (packed, no padding)")
     parser.add_argument("--out_dir", default=None, help="default: eval_results/{benchmark}_{split}")
     parser.add_argument("--chart", default=None, help="default: images/{benchmark}_{split}_accuracy.png")
-    parser.add_argument("--tokenizer_dir", default=str(TOKENIZER_DIR))
+    parser.add_argument("--tokenizer_dir", default=None, help="default: the bundled tokenizer of the model's family")
     parser.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto: bfloat16 on CUDA, float32 elsewhere")
@@ -312,14 +312,16 @@ def parse_args(argv=None):
     return args
 
 
-def load_scored_model(args, tokenizer):
-    """(model, device, dtype); the shape comes from the checkpoint, and the tokenizer must fit its vocabulary."""
+def load_scored_model(args):
+    """(model, tokenizer, device, dtype); the shape comes from the checkpoint, the tokenizer by default from the
+    model's family, and the tokenizer must fit the model's vocabulary."""
     device = args.device or default_device()
     dtype = resolve_dtype(args.dtype, device, fp16_fallback=False)
     ckpt = read_checkpoint(args.ckpt, model_flags(args))
+    tokenizer = load_tokenizer(args.tokenizer_dir, ckpt.config)
     if len(tokenizer) > ckpt.config.vocab_size:
         sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens but the model only {ckpt.config.vocab_size}")
-    return load_model(ckpt, device=device, dtype=dtype), device, dtype
+    return load_model(ckpt, device=device, dtype=dtype), tokenizer, device, dtype
 
 
 def dev_examples(subject: str, dev_files: dict[str, Path], shots: int, problems: list[str]) -> list[Question]:
@@ -412,8 +414,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else ROOT_DIR / "eval_results" / f"{args.benchmark}_{args.split}"
     chart = Path(args.chart) if args.chart else ROOT_DIR / "images" / f"{args.benchmark}_{args.split}_accuracy.png"
 
-    tokenizer = load_tokenizer(args.tokenizer_dir)
-    model, device, dtype = load_scored_model(args, tokenizer)
+    model, tokenizer, device, dtype = load_scored_model(args)
     letter_ids = letter_token_ids(tokenizer)
     max_tokens = model.config.context_length
     print(f"{args.benchmark} {args.split}: {len(files)} subject(s), {args.shots}-shot, {args.ckpt} on {device} "

@@ -154,3 +154,11 @@ def test_family_pth_without_json_reads_its_shape_from_the_tensors(tmp_path):
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_pretraining_documents_are_wrapped_in_the_family_tokenizers_own_markers():
+    import data_process
+    from model.checkpoint import TOKENIZER3_DIR, TOKENIZER_DIR
+
+    assert data_process.document_markers(str(TOKENIZER_DIR)) == ("<s>", "</s>")
+    assert data_process.document_markers(str(TOKENIZER3_DIR)) == ("<|im_start|>", "<|im_end|>")
