@@ -448,7 +448,7 @@ def _encode_text(tokenizer, text: str, literal: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
 
 
-_PROBE = "\x00MINIMIND-CONTENT\x00"  # stands in for a message's content to find the template text around it
+_PROBE = "\x00MINIMIND-CONTENT\x00"  # model/chat_prompt.py's stand-in for a content, in its per-role split
 # Stands in for the i-th text field of a message group. Private-use characters rather than _PROBE's NULs because
 # tool-call names go through the template's tojson, which would escape a NUL.
 _FIELD_PROBE = "\ue000MINIMIND-FIELD-{}\ue001"
@@ -456,7 +456,8 @@ _FIELD_PROBE = "\ue000MINIMIND-FIELD-{}\ue001"
 
 def _probe_message(message: dict, j: int, fields: dict) -> dict:
     """`message` with each non-empty text field (content, reasoning, each tool call's name and arguments) replaced
-    by a new probe, recorded in `fields` as probe -> ((j, field name), the field's text)."""
+    by a new probe, recorded in `fields` as probe -> ((j, field name), the field's text). Tool calls are probed
+    too, though encoded as template text, to notice a template that drops them."""
     def probe(name: str, text: str) -> str:
         p = _FIELD_PROBE.format(len(fields))
         fields[p] = ((j, name), text)
@@ -479,9 +480,9 @@ def _probe_message(message: dict, j: int, fields: dict) -> dict:
 
 
 def _probe_variants(group: list[dict]) -> list[tuple[list[dict], dict]]:
-    """Probed copies of a message group to try in turn. The second, for an assistant whose content starts with
-    '<think>...</think>', probes that reasoning as reasoning_content: a template that splits such content (as
-    MiniMind-3's does) would not find the split in a probe."""
+    """Probed copies of a message group to try in turn. The second, for an assistant with its reasoning written
+    inline ('<think>...</think>' before the answer), probes that reasoning as reasoning_content: a template that
+    splits such content (MiniMind-3's) finds no '</think>' to split at in a probe."""
     variants = [group]
     m = group[0]
     content = m.get("content") or ""
@@ -551,10 +552,23 @@ def _group_parts(tokenizer, messages, start: int, end: int, rendered: str, tools
         dropped = [fields[p][0] for p in fields if p not in probe_piece]
         if dropped:  # e.g. v1's template shows no tool messages, tool calls or reasoning
             j, name = dropped[0]
-            raise ValueError(f"the chat template does not render a {group[j]['role']} message's {name}; use a "
+            raise ValueError(f"the chat template does not render the {name} of {group[j]['role']} messages; use a "
                              f"tokenizer whose template does (model/minimind3_tokenizer)")
-        return full, parts
+        return full, _merge_tool_calls(parts)
     return full, _first_occurrences(piece, group)
+
+
+def _merge_tool_calls(parts):
+    """Tool-call names and arguments rejoin the template text around them: encoded whole, a call gets the tokens a
+    model emitting it produces (split at the probes, BPE would cut '"get_weather"' differently)."""
+    merged = []
+    for text, tag in parts:
+        tag = None if tag is not None and tag[1] == "tool_call" else tag
+        if tag is None and merged and merged[-1][1] is None:
+            merged[-1] = (merged[-1][0] + text, None)
+        else:
+            merged.append((text, tag))
+    return merged
 
 
 def _groups(messages):
@@ -585,8 +599,8 @@ def _message_parts(tokenizer, messages, tools=None):
     Each group's text is the difference between renderings of consecutive prefixes, so any template that renders
     messages one after another works. Within it, the text fields are found by rendering once more with probes in
     their place (`_align`), so text that also occurs in the template (e.g. "<s>") is never mistaken for a field.
-    Fields (field = "content", "reasoning_content" or "tool_call") are encoded literally: special-token strings
-    typed in them stay text; template text (field None) is encoded with its special tokens.
+    Fields (field = "content" or "reasoning_content") are encoded literally: special-token strings typed in them
+    stay text; template text (field None, tool calls included, see `_merge_tool_calls`) with its special tokens.
     """
     rendered = _opening(tokenizer, messages, tools)
     if rendered:
@@ -634,8 +648,10 @@ def _assistant_mask(parts, header: list[int], eos_id) -> tuple[list[int], list[b
     """ids and answer mask of one assistant message: True on everything the template renders for it (reasoning
     and its <think> tags, answer, tool calls) from after the role header through its last end token; the text
     after that (the newline between turns) is glue that no reply has to produce."""
+    if not parts:
+        return [], []
     ids = [i for chunk, _ in parts for i in chunk]
-    first, last = (parts[0], parts[-1]) if parts else (([], ""), ([], ""))
+    first, last = parts[0], parts[-1]
     start = len(header) if first[1] is None and header and first[0][: len(header)] == header else 0
     end = len(ids)
     if last[1] is None and eos_id in last[0]:
@@ -649,11 +665,12 @@ def conversation_segments(tokenizer, messages, tools=None) -> tuple[list[int], l
     The answer mask is True on every assistant message's rendering between its role header and the newline after
     its end token: for v1 the content and its '</s>'; for MiniMind-3 '<think>\\n{reasoning}\\n</think>\\n\\n',
     the answer, its '<tool_call>...</tool_call>' blocks and the '<|im_end|>'. The role header ('<|im_start|>
-    assistant\\n', v1's '<s>assistant\\n'), that newline, and every system, user and tool token are False.
+    assistant\\n', v1's '<s>assistant\\n'), that newline, every system, user and tool token, and an assistant
+    message with no content, reasoning or tool calls are False.
 
     turn_bounds = [end of the system prompt (a system message, or the template's tools description; 0 if none),
     end of pair 1, end of pair 2, ...], a pair being the user or tool turns and the assistant message that
-    answers them. `tools` adds to a `tools` list carried on the system or first message (not both).
+    answers them. `tools` (the template's tools argument) may instead sit on the system or first message.
     """
     messages, tools = _checked(messages, tools, "assistant")
     header = _encode_text(tokenizer, _role_header(tokenizer), False)
@@ -662,7 +679,8 @@ def conversation_segments(tokenizer, messages, tools=None) -> tuple[list[int], l
     bounds: list[int] = []
     for message, parts in _message_parts(tokenizer, messages, tools):
         role = "system" if message is None else message["role"]
-        if role == "assistant":
+        # an empty assistant message teaches nothing but stopping at once, and v1 never trained on one
+        if role == "assistant" and any(message.get(k) for k in ("content", "reasoning_content", "tool_calls")):
             piece, answer = _assistant_mask(parts, header, tokenizer.eos_token_id)
         else:
             piece = [i for chunk, _ in parts for i in chunk]
