@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="checkpoint to serve (default: the newest out/full_sft_<dim>.pth)")
-    parser.add_argument("--tokenizer_dir", type=str, default=None, help="default: model/minimind_tokenizer")
+    parser.add_argument("--tokenizer_dir", type=str, default=None, help="default: the bundled tokenizer of the model's family")
     parser.add_argument("--model_name", type=str, default=None, help="the id /v1/models reports (default: file stem)")
     parser.add_argument("--host", type=str, default="127.0.0.1",
                         help="address to bind; 0.0.0.0 exposes the server to your network (use --api_key)")

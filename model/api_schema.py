@@ -172,10 +172,40 @@ def _text_content(value: Any) -> str:
     raise ValueError("content must be a string or a non-empty list of text parts")
 
 
+class FunctionCall(_Strict):
+    name: str = Field(strict=True, min_length=1)
+    arguments: str | dict = "{}"  # OpenAI sends JSON text; an object is accepted too (the template takes both)
+
+
+class ToolCall(_Strict):
+    """An assistant message's earlier call, as the client got it from this server (or any OpenAI API)."""
+    id: str | None = Field(None, strict=True)
+    type: Literal["function"] = "function"
+    # Optional here because a template without tools ignores calls; one that renders them refuses a call
+    # without a function when the prompt is encoded
+    function: FunctionCall | None = None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = Field(None, strict=True)
+    parameters: dict | None = None  # a JSON schema, shown to the model as is
+    strict: bool | None = Field(None, strict=True)
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatMessage(_Strict):
     # "developer" is what newer OpenAI clients send instead of "system"; "tool" results become user turns
+    # (for a template without tool support, see prompt_messages)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = Field(None, validate_default=True)
+    reasoning_content: str | None = Field(None, strict=True)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(None, strict=True)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -280,6 +310,9 @@ class ChatRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, strict=True)  # the newer name for max_tokens; wins
     logprobs: bool | None = Field(None, strict=True)
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Any = Field(None, validate_default=True)
+    enable_thinking: bool | None = Field(None, strict=True)  # MiniMind-3's template switch (off by default)
 
     @field_validator("messages")
     @classmethod
@@ -289,6 +322,15 @@ class ChatRequest(_SamplingRequest):
         _merge([m.model_dump() for m in messages])
         return messages
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def supported_tool_choice(cls, value: Any) -> str | None:
+        # "required" and a named function need constrained decoding, which this server does not do: refusing
+        # them is better than a reply that silently ignores the constraint
+        if value is None or value in ("auto", "none"):
+            return value
+        raise ValueError("only 'auto' and 'none' are supported")
+
     @field_validator("top_logprobs")
     @classmethod
     def needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -296,9 +338,54 @@ class ChatRequest(_SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return value
 
-    def prompt_messages(self) -> list[dict]:
-        """The messages merged for the chat template (see merge_consecutive_messages)."""
+    def prompt_messages(self, native_tools: bool = False) -> list[dict]:
+        """The messages for the chat template: for one that renders tool calls, tool results and reasoning
+        (native_tools), in that structure (`native_messages`); otherwise merged as text
+        (see merge_consecutive_messages)."""
+        if native_tools:
+            return native_messages(self.messages)
         return merge_consecutive_messages([m.model_dump() for m in self.messages])
+
+    def prompt_tools(self) -> list[dict] | None:
+        """The tools to describe in the prompt. None with tool_choice "none": a model that is not told about
+        tools cannot call one, and its reply is then never parsed as calls anyway."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    @property
+    def parse_tool_calls(self) -> bool:
+        return self.tool_choice != "none"
+
+
+def _native_message(message: ChatMessage) -> dict:
+    out = {"role": "system" if message.role == "developer" else message.role, "content": message.content or ""}
+    if message.role == "assistant":
+        if message.reasoning_content is not None:
+            out["reasoning_content"] = message.reasoning_content
+        if message.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in message.tool_calls]
+    if message.role == "tool" and message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def native_messages(messages: Sequence[ChatMessage]) -> list[dict]:
+    """Messages for a template that knows tools: one leading system message (every system/developer message,
+    in order: the template shows only a leading one), consecutive user messages joined with "\\n", and assistant
+    tool calls, reasoning and tool results kept as fields. The order itself is checked where the prompt is
+    encoded (model.dataset.validate_messages)."""
+    systems = [m.content for m in messages if m.role in ("system", "developer") and m.content]
+    turns: list[dict] = []
+    for message in messages:
+        if message.role in ("system", "developer"):
+            continue
+        out = _native_message(message)
+        if out["role"] == "user" and turns and turns[-1]["role"] == "user":
+            turns[-1]["content"] = "\n".join(t for t in (turns[-1]["content"], out["content"]) if t)
+        else:
+            turns.append(out)
+    return ([{"role": "system", "content": "\n".join(systems)}] if systems else []) + turns
 
 
 def _prompt(value: Any) -> str:

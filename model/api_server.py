@@ -38,6 +38,7 @@ from .api_schema import (
 )
 from .generate import SamplingParams
 from .serving import ChatEngine, ReplyText, token_bytes
+from .tool_calls import ParsedReply, ReplyParser, as_delta, collect_events
 
 log = logging.getLogger("minimind.api")
 
@@ -85,10 +86,10 @@ class Generation:
     """One submitted request. `pieces()` yields (text, logprob events) as the engine produces them."""
 
     def __init__(self, chat: ChatEngine, prompt_ids: list[int], params: SamplingParams, stop: list[str],
-                 top_logprobs: int | None, on_done=None):
+                 top_logprobs: int | None, on_done=None, hidden_ids: frozenset[int] | None = None):
         self.loop, self.on_done = asyncio.get_running_loop(), on_done
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.text = ReplyText(chat.tokenizer, chat.eos_token_id, stop)
+        self.text = ReplyText(chat.tokenizer, chat.eos_token_id, stop, hidden_ids=hidden_ids)
         self.prompt_tokens = len(prompt_ids)
         self.handle = None
         self.handle = chat.submit(prompt_ids, params, top_logprobs=top_logprobs, on_event=self._on_event)
@@ -140,10 +141,16 @@ def chat_prompt(chat: ChatEngine, options: ServerOptions, req: ChatRequest) -> t
     prompt keeps what fits beside min(max_tokens, a quarter of the context), and the reply is capped at what the
     context has left (finish_reason "length").
     """
+    if req.tools and not chat.native_tools:  # dropping them silently would answer as if no tools were offered
+        raise ApiError(400, "this model's chat template does not support tools (a MiniMind-3 model and tokenizer "
+                       "do)", param="tools", code="unsupported_parameter")
     max_tokens = resolve_max_tokens(req, limit=chat.max_reply_tokens, context_length=chat.context_length)
     room = chat.default_reply_room if max_tokens is None else min(max_tokens, chat.default_reply_room)
+    native = chat.native_tools
     try:
-        prompt_ids = chat.build_prompt(req.prompt_messages(), chat.context_length - room)
+        prompt_ids = chat.build_prompt(req.prompt_messages(native), chat.context_length - room,
+                                       tools=req.prompt_tools() if native else None,
+                                       enable_thinking=req.enable_thinking if native else None)
     except ValueError as err:
         raise ApiError(400, str(err), param="messages", code="invalid_value") from None
     left = chat.context_length - len(prompt_ids)
@@ -256,8 +263,58 @@ def chat_choice(key: str, piece, tokenizer, events, want_logprobs: bool, finish_
             "finish_reason": finish_reason}
 
 
-async def stream_events(gen: Generation, envelope: Envelope, make_choice, include_usage: bool, first=None):
-    """Server-sent events: (an opening chunk), one chunk per text piece, the finish chunk, usage once, [DONE].
+def parse_reply(text: str, parser: ReplyParser) -> ParsedReply:
+    return collect_events([*parser.push(text), *parser.flush()])
+
+
+def parsed_choice(reply: ParsedReply, tokenizer, events, want_logprobs: bool, finish_reason: str) -> dict:
+    """A MiniMind-3 reply as OpenAI's message: content null when the reply only called tools (as OpenAI's)."""
+    message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else ""),
+               "reasoning_content": reply.reasoning or None}
+    if reply.tool_calls:
+        message["tool_calls"] = reply.tool_calls
+    return {"index": 0, "message": message, "logprobs": chat_logprobs(tokenizer, events) if want_logprobs else None,
+            "finish_reason": "tool_calls" if reply.tool_calls else finish_reason}
+
+
+class PlainChunks:
+    """Stream choices for plain text: one per piece, then the finish choice."""
+
+    def __init__(self, make_choice):
+        self.make_choice = make_choice
+
+    def pieces(self, piece: str, events) -> list[dict]:
+        return [self.make_choice(piece, events, None)] if piece or events else []
+
+    def final(self, finish_reason: str) -> list[dict]:
+        return [self.make_choice(None, [], finish_reason)]
+
+
+class ParsedChunks:
+    """Stream choices for a MiniMind-3 reply: reasoning_content and content deltas as they come, each tool call
+    whole once its block closes (a half-written call cannot be told from text), then the finish choice."""
+
+    def __init__(self, parser: ReplyParser, tokenizer, want_logprobs: bool):
+        self.parser, self.tokenizer, self.want = parser, tokenizer, want_logprobs
+
+    def _choice(self, delta: dict, events=(), finish_reason=None) -> dict:
+        logprobs = chat_logprobs(self.tokenizer, events) if self.want and events else None
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def pieces(self, piece: str, events) -> list[dict]:
+        deltas = [as_delta(e) for e in self.parser.push(piece)]
+        if not deltas:  # text held back (a possible tag): its logprobs still go out now
+            return [self._choice({}, events)] if self.want and events else []
+        return [self._choice(d, events if i == 0 else ()) for i, d in enumerate(deltas)]
+
+    def final(self, finish_reason: str) -> list[dict]:
+        tail = [self._choice(as_delta(e)) for e in self.parser.flush()]
+        return tail + [self._choice({}, (), "tool_calls" if self.parser.calls else finish_reason)]
+
+
+async def stream_events(gen: Generation, envelope: Envelope, shaper, include_usage: bool, first=None):
+    """Server-sent events: (an opening chunk), the shaper's chunks per text piece, the finish chunk, usage once,
+    [DONE].
 
     Starlette cancels this generator when the client disconnects; `gen.pieces()` then cancels the request.
     """
@@ -265,13 +322,16 @@ async def stream_events(gen: Generation, envelope: Envelope, make_choice, includ
         yield sse(envelope.wrap([first]))
     try:
         async for piece, events in gen.pieces():
-            if piece or events:
-                yield sse(envelope.wrap([make_choice(piece, events, None)]))
+            for choice in shaper.pieces(piece, events):
+                yield sse(envelope.wrap([choice]))
     except ApiError as err:  # the headers are sent: report in-band, then end the stream normally
         yield sse(error_body(err.message, err.type, err.param, err.code))
         yield "data: [DONE]\n\n"
         return
-    final = envelope.wrap([make_choice(None, [], gen.finish_reason)])
+    *body, last = shaper.final(gen.finish_reason)
+    for choice in body:
+        yield sse(envelope.wrap([choice]))
+    final = envelope.wrap([last])
     if include_usage:  # OpenAI's way: one more chunk with no choices
         yield sse(final)
         yield sse(envelope.wrap([], usage=gen.usage()))
@@ -349,7 +409,9 @@ async def admit(request: Request, schema, prepare):
     try:
         req = await read_request(request, st.options.max_body_bytes, schema)
         prompt_ids, params = await run_in_threadpool(prepare, st, req)
-        gen = Generation(st.chat, prompt_ids, params, req.stop, requested_top_logprobs(req), on_done=st.finished)
+        hidden = st.chat.hidden_special_ids if schema is ChatRequest else None  # chat replies show <think> etc.
+        gen = Generation(st.chat, prompt_ids, params, req.stop, requested_top_logprobs(req), on_done=st.finished,
+                         hidden_ids=hidden)
     except BaseException:
         st.admission.leave()
         raise
@@ -360,17 +422,25 @@ async def admit(request: Request, schema, prepare):
 async def chat_completions(request: Request):
     st, req, gen = await admit(request, ChatRequest, lambda st, req: chat_prompt(st.chat, st.options, req))
     tok, want = st.chat.tokenizer, req.logprobs
+    # MiniMind-3 replies are split into reasoning, content and tool calls; v1 replies are plain content
+    parser = ReplyParser(thinking=bool(req.enable_thinking), parse_tools=req.parse_tool_calls) \
+        if st.chat.native_tools else None
     if req.stream:
         envelope = Envelope("chat.completion.chunk", st.options.model_name)
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return event_stream(stream_events(gen, envelope, lambda p, ev, fr: chat_choice("delta", p, tok, ev, want, fr),
-                                          req.include_usage, first))
+        shaper = ParsedChunks(parser, tok, want) if parser else \
+            PlainChunks(lambda p, ev, fr: chat_choice("delta", p, tok, ev, want, fr))
+        return event_stream(stream_events(gen, envelope, shaper, req.include_usage, first))
     result = await collect(gen, request)
     if result is None:
         return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
     text, events = result
     envelope = Envelope("chat.completion", st.options.model_name)
-    return envelope.wrap([chat_choice("message", text, tok, events, want, gen.finish_reason)], usage=gen.usage())
+    if parser is None:
+        choice = chat_choice("message", text, tok, events, want, gen.finish_reason)
+    else:
+        choice = parsed_choice(parse_reply(text, parser), tok, events, want, gen.finish_reason)
+    return envelope.wrap([choice], usage=gen.usage())
 
 
 def completion_choice(tokenizer, piece, events, want: bool, finish_reason, offset: int = 0) -> dict:
@@ -388,8 +458,8 @@ async def completions(request: Request):
     tok, want = st.chat.tokenizer, req.logprobs is not None
     envelope = Envelope("text_completion", st.options.model_name)
     if req.stream:
-        return event_stream(stream_events(gen, envelope, lambda p, ev, fr: completion_choice(tok, p, ev, want, fr),
-                                          req.include_usage))
+        shaper = PlainChunks(lambda p, ev, fr: completion_choice(tok, p, ev, want, fr))
+        return event_stream(stream_events(gen, envelope, shaper, req.include_usage))
     result = await collect(gen, request)
     if result is None:
         return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)

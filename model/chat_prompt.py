@@ -89,13 +89,19 @@ def _encode_turns(tokenizer, conversation: Sequence[dict]) -> tuple[list[list[in
 
 
 class _Windows:
-    """Token ids of the system prompt followed by turns[start:], for any start that is a user turn."""
+    """Token ids of the system prompt followed by turns[start:], for any start that is a user turn.
 
-    def __init__(self, tokenizer, system: str | None, turns: Sequence[dict]):
-        self.tokenizer, self.system, self.turns = tokenizer, system, list(turns)
+    `extras` (tools, enable_thinking) go to every rendering. With extras, or turns carrying more than text (tool
+    calls, tool results, reasoning), the per-role split does not apply (the tools change the system turn, a tool
+    call's text is not its content), so windows are rendered whole.
+    """
+
+    def __init__(self, tokenizer, system: str | None, turns: Sequence[dict], extras: dict | None = None):
+        self.tokenizer, self.system, self.turns, self.extras = tokenizer, system, list(turns), extras or {}
         conversation = _with_system(system, turns)
         validate_messages(conversation, last_role="user")  # the same ValueErrors encode_prompt raises
-        encoded = _encode_turns(tokenizer, conversation)
+        plain = not self.extras and all(set(t) == {"role", "content"} and t["role"] != "tool" for t in turns)
+        encoded = _encode_turns(tokenizer, conversation) if plain else None
         self._rendered: dict[int, list[int]] = {}
         if encoded is None:
             self.head = None
@@ -109,7 +115,8 @@ class _Windows:
 
     def _encode_window(self, start: int) -> list[int]:
         if start not in self._rendered:
-            self._rendered[start] = encode_prompt(self.tokenizer, _with_system(self.system, self.turns[start:]))
+            window = _with_system(self.system, self.turns[start:])
+            self._rendered[start] = encode_prompt(self.tokenizer, window, **self.extras)
         return self._rendered[start]
 
     def length(self, start: int) -> int:
@@ -150,13 +157,13 @@ def _longest_fit(length: int, render: Callable[[int], list[int]], budget: int) -
     return lo
 
 
-def _cut_text(tokenizer, system: str, question: str, budget: int) -> list[int]:
+def _cut_text(tokenizer, system: str, question: str, budget: int, extras: dict) -> list[int]:
     """Only the system prompt and the last user turn are left and they are still too long: shorten the system text
     (keeping its start), and if that is not enough drop it and shorten the question (keeping its end). Two short
     messages, so rendering them whole for each try is cheap."""
     def render_cut(n_system: int, n_question: int) -> list[int]:
-        kept_question = question[len(question) - n_question:]
-        return encode_prompt(tokenizer, _with_system(system[:n_system], [{"role": "user", "content": kept_question}]))
+        kept = [{"role": "user", "content": question[len(question) - n_question:]}]
+        return encode_prompt(tokenizer, _with_system(system[:n_system], kept), **extras)
 
     n_system = _longest_fit(len(system), lambda k: render_cut(k, len(question)), budget)
     if n_system is not None:
@@ -165,26 +172,35 @@ def _cut_text(tokenizer, system: str, question: str, budget: int) -> list[int]:
     return render_cut(0, n_question or 0)
 
 
-def build_chat_prompt(tokenizer, messages: Sequence[dict], budget: int | None = None) -> list[int]:
+def build_chat_prompt(tokenizer, messages: Sequence[dict], budget: int | None = None, tools: list | None = None,
+                      enable_thinking: bool | None = None) -> list[int]:
     """Token ids of the chat template applied to `messages`, at most `budget` tokens long (None: no limit).
 
     messages: {"role": "system"|"user"|"assistant", "content": str}, user and assistant turns alternating and
     ending with a user turn. System messages are joined into one at the front (the template only shows a leading
-    one). ValueError if the budget is below `min_prompt_tokens` or the conversation has the wrong shape.
+    one). For a template that knows them (MiniMind-3), assistant turns may carry tool_calls and reasoning_content,
+    tool results (role "tool") may follow a turn that called tools and end the conversation, and `tools` and
+    `enable_thinking` are passed to the template. ValueError if the budget is below `min_prompt_tokens` or the
+    conversation has the wrong shape (or does not fit, when it ends with tool results).
     """
     if budget is not None:
         floor = min_prompt_tokens(tokenizer)
         if budget < floor:
             raise ValueError(f"a prompt needs at least {floor} tokens, the budget is {budget}")
     system = "\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"]) or None
-    turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
-    if not turns or turns[-1]["role"] != "user":
-        raise ValueError("the conversation must end with a user message")
-    windows = _Windows(tokenizer, system, turns)
+    turns = [dict(m) for m in messages if m["role"] != "system"]
+    if not turns or turns[-1]["role"] not in ("user", "tool"):
+        raise ValueError("the conversation must end with a user message")  # (or tool results, where rendered)
+    extras = {k: v for k, v in (("tools", tools), ("enable_thinking", enable_thinking)) if v is not None}
+    windows = _Windows(tokenizer, system, turns, extras)
     if budget is None or windows.length(0) <= budget:
         return windows.ids(0)
     starts = [i for i, t in enumerate(turns) if t["role"] == "user"]
     start = _earliest_fit(starts, windows.length, budget)
     if start is not None:
         return windows.ids(start)
-    return _cut_text(tokenizer, system or "", turns[-1]["content"], budget)
+    if turns[-1]["role"] != "user":  # a tool result cut short would mislead the model more than a refusal
+        raise ValueError(f"the conversation from the last user message on takes "
+                         f"{windows.length(starts[-1] if starts else 0)} tokens, more than the {budget} the prompt "
+                         f"may use")
+    return _cut_text(tokenizer, system or "", turns[-1]["content"], budget, extras)

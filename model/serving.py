@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from .chat_prompt import build_chat_prompt, min_prompt_tokens
 from .engine import Engine, RequestHandle, StepOutput
 from .generate import SamplingParams, Utf8Detokenizer
+from .tool_calls import TAGS as REPLY_TAGS
 
 
 class LockedTokenizer:
@@ -109,6 +110,19 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     return bytes(BYTE_OF_CHAR[ch] for ch in piece)
 
 
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tool calls (MiniMind-3's does, v1's shows only content)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tool_call" in template
+
+
+def special_ids_except(tokenizer, shown: Sequence[str]) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens, except those spelled as in `shown`."""
+    keep = {tokenizer.convert_tokens_to_ids(t) for t in shown}
+    return frozenset(int(i) for i in tokenizer.all_special_ids if i not in keep) | frozenset(
+        int(i) for i, tok in tokenizer.added_tokens_decoder.items() if tok.special and int(i) not in keep)
+
+
 class ReplyText:
     """Turns a request's StepOutputs into text deltas: whole UTF-8 characters, EOS hidden, cut at stop strings.
 
@@ -117,8 +131,13 @@ class ReplyText:
     cancels the request so its slot is freed.
     """
 
-    def __init__(self, tokenizer, eos_token_id: int, stop: Sequence[str] = ()):
-        self.detok, self.stopper, self.eos = Utf8Detokenizer(tokenizer), StopMatcher(stop), eos_token_id
+    def __init__(self, tokenizer, eos_token_id: int, stop: Sequence[str] = (),
+                 hidden_ids: frozenset[int] | None = None):
+        # hidden_ids: special tokens never shown, the rest decoded as their text (MiniMind-3's <think> and
+        # <tool_call> are special tokens that the reply parser must see); None: every special token is hidden
+        keep_special = hidden_ids is not None
+        self.detok = Utf8Detokenizer(tokenizer, skip_special_tokens=not keep_special)
+        self.stopper, self.eos, self.hidden = StopMatcher(stop), eos_token_id, hidden_ids or frozenset()
         self.finish_reason: str | None = None
         self.completion_tokens = 0
 
@@ -127,7 +146,7 @@ class ReplyText:
         text, hit = "", False
         if out.token is not None:
             self.completion_tokens += 1
-            if out.token != self.eos:
+            if out.token != self.eos and out.token not in self.hidden:
                 text, hit = self.stopper.push(self.detok.push(out.token))
         if hit:
             self.finish_reason = "stop"
@@ -192,6 +211,9 @@ class ChatEngine:
         # Replies without max_tokens may use what the prompt leaves, but old turns are dropped to leave them room.
         self.default_reply_room = max(1, min(self.max_reply_tokens, self.context_length // 4))
         self.engine = Engine(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self.native_tools = template_supports_tools(self.tokenizer)
+        # Which special tokens a chat reply shows: the reply format's tags, for a template that uses them
+        self.hidden_special_ids = special_ids_except(self.tokenizer, REPLY_TAGS) if self.native_tools else None
 
     def start(self) -> ChatEngine:
         self.engine.start()
@@ -206,10 +228,12 @@ class ChatEngine:
     def device(self):
         return next(self.model.parameters()).device
 
-    def build_prompt(self, messages: Sequence[dict], budget: int | None = None) -> list[int]:
+    def build_prompt(self, messages: Sequence[dict], budget: int | None = None, tools: list | None = None,
+                     enable_thinking: bool | None = None) -> list[int]:
         """Token ids of the chat template applied to `messages`, at most `budget` tokens (default the context);
         see `model.chat_prompt.build_chat_prompt` for what is cut first."""
-        return build_chat_prompt(self.tokenizer, messages, self.context_length if budget is None else budget)
+        return build_chat_prompt(self.tokenizer, messages, self.context_length if budget is None else budget,
+                                 tools=tools, enable_thinking=enable_thinking)
 
     def reply(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
               cancel: threading.Event | None = None) -> Reply:

@@ -44,9 +44,24 @@ def running_server(ckpt, log_path, *extra):
 @contextlib.contextmanager
 def server_process(ckpt, log_path, *extra):
     """(base URL, Popen) of a server started on a free port, stopped on exit."""
+    with serve([str(ckpt), "--tokenizer_dir", str(TOKENIZER_DIR), *MODEL_FLAGS, *map(str, extra)], log_path) as sp:
+        yield sp
+
+
+@contextlib.contextmanager
+def family_server(ckpt, log_path, *extra):
+    """(base URL, Popen) of a server for a checkpoint with its config beside it: no model flags, and the
+    tokenizer of the model's family (MiniMind-3's for a MiniMind-3 model)."""
+    with serve([str(ckpt), *map(str, extra)], log_path) as sp:
+        yield sp
+
+
+@contextlib.contextmanager
+def serve(ckpt_and_flags, log_path):
+    """(base URL, Popen) of my_openai_api.py --ckpt CKPT_AND_FLAGS... on a free port, on the CPU."""
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "my_openai_api.py"), "--ckpt", str(ckpt), "--tokenizer_dir", str(TOKENIZER_DIR),
-           *MODEL_FLAGS, "--device", "cpu", "--port", str(port), "--log_level", "warning", *map(str, extra)]
+    cmd = [sys.executable, str(ROOT / "my_openai_api.py"), "--ckpt", *ckpt_and_flags, "--device", "cpu",
+           "--port", str(port), "--log_level", "warning"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
