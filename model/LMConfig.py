@@ -85,12 +85,8 @@ class LMConfig(PretrainedConfig):
         self.rope_layout = rope_layout
         self.yarn = dict(yarn) if yarn else None
         self.max_position_embeddings = max_position_embeddings or max_seq_len
-        if self.yarn:  # `--rope_scaling yarn --rope_factor F`: YaRN over the length the model was trained at
-            self.yarn.setdefault("original_max_position_embeddings", max_seq_len)
-            for key, value in (("beta_fast", 32.0), ("beta_slow", 1.0), ("attention_factor", 1.0)):
-                self.yarn.setdefault(key, value)
-            reach = int(self.yarn["original_max_position_embeddings"] * self.yarn["factor"])
-            self.max_position_embeddings = max(self.max_position_embeddings, reach)
+        if self.yarn:
+            self._complete_yarn()
         self.moe_hidden_dim = moe_hidden_dim
         # v1 ties the output projection to the token embedding; token ids match the bundled tokenizer.
         kwargs.setdefault("tie_word_embeddings", True)
@@ -98,12 +94,25 @@ class LMConfig(PretrainedConfig):
         kwargs.setdefault("eos_token_id", 2)
         kwargs.setdefault("pad_token_id", 0)
         super().__init__(**kwargs)
-        if (head_dim is None and dim % n_heads) or n_heads % n_kv_heads:
+        self._check(explicit_head_dim=head_dim is not None)
+
+    def _check(self, explicit_head_dim: bool) -> None:
+        dim, n_heads, n_kv_heads = self.dim, self.n_heads, self.n_kv_heads
+        if (not explicit_head_dim and dim % n_heads) or n_heads % n_kv_heads:
             raise ValueError(f"dim ({dim}) must divide by n_heads ({n_heads}), and n_heads by n_kv_heads ({n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        if rope_layout not in ("interleaved", "half"):
-            raise ValueError(f"rope_layout must be 'interleaved' (v1) or 'half' (MiniMind-3), got {rope_layout!r}")
+        if self.rope_layout not in ("interleaved", "half"):
+            raise ValueError(f"rope_layout must be 'interleaved' (v1) or 'half' (MiniMind-3), got {self.rope_layout!r}")
+
+    def _complete_yarn(self) -> None:
+        """`--rope_scaling yarn --rope_factor F` gives only the factor: YaRN then works over the length the model
+        was trained at, with MiniMind-3's defaults, and reaches F times it."""
+        self.yarn.setdefault("original_max_position_embeddings", self.max_seq_len)
+        for key, value in (("beta_fast", 32.0), ("beta_slow", 1.0), ("attention_factor", 1.0)):
+            self.yarn.setdefault(key, value)
+        reach = int(self.yarn["original_max_position_embeddings"] * self.yarn["factor"])
+        self.max_position_embeddings = max(self.max_position_embeddings, reach)
 
     @property
     def expert_hidden_dim(self) -> int:

@@ -551,9 +551,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
 
         mask, position_ids, real = self._attention_inputs(document_ids, attention_mask, token_mask, position_ids,
                                                           B, T, past, h.device)
-        rope = rope_tables(*rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
-                                         self.config.rope_scaling_factor, _active_yarn(self.config)),
-                           half=self.config.rope_layout == "half")
+        rope = _rope(self.config, position_ids)
 
         h = _dropout(self.dropout, h)
         aux_total = None
@@ -606,6 +604,13 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             n -= c.n_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
         attn = 12 * c.n_layers * c.dim * seq_len
         return 6 * n + attn
+
+
+def _rope(config, position_ids):
+    """The (cos2, sin2, half) tables every layer shares for this forward's positions."""
+    cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, config.rope_scaling_factor,
+                            _active_yarn(config))
+    return rope_tables(cos, sin, half=config.rope_layout == "half")
 
 
 def _active_yarn(config) -> dict | None:
