@@ -9,6 +9,10 @@
 
 Inside the chat, `/reset` forgets the conversation and `/exit` (or Ctrl-D) quits.
 
+MiniMind-3-family models (ChatML template): `--think` (or `/think` in the chat) turns the template's thinking on;
+the reasoning is shown apart from the answer, each line behind a "┆ " bar (dimmed on a terminal), and tool calls
+the model makes are shown as `tool call: name {arguments}` items. Only the answer goes into the history.
+
 The conversation is rendered with the tokenizer's chat template. When it no longer fits the model's context
 (leaving room for the answer), the oldest turns are dropped first; the system prompt always stays.
 """
@@ -24,6 +28,9 @@ from model.errors import UsageError, exit_on_usage_error
 from model.generate import SamplingParams, stream_text
 from model.LMConfig import add_model_args, model_flags
 from model.serving import ChatEngine
+from model.tool_calls import ReplyParser, collect_events
+
+DIM, RESET = "\033[2m", "\033[0m"
 
 
 def parse_args(argv=None):
@@ -46,6 +53,8 @@ def parse_args(argv=None):
                         help="answer this and exit; repeat the flag for the turns of one conversation")
     parser.add_argument("--batch_file", default=None, help="a UTF-8 text file: one independent question per line")
     parser.add_argument("--batch_size", type=int, default=8, help="questions generated together with --batch_file")
+    parser.add_argument("--think", action="store_true",
+                        help="MiniMind-3 family: let the model reason first (shown apart from the answer)")
     add_model_args(parser)
     return parser.parse_args(argv)
 
@@ -77,8 +86,10 @@ class Chat:
     cut inside its text (keeping its end), never through the chat template.
     """
 
-    def __init__(self, model, tokenizer, params: SamplingParams, system: str = "", max_history_turns=None):
+    def __init__(self, model, tokenizer, params: SamplingParams, system: str = "", max_history_turns=None,
+                 think: bool = False):
         self.engine = ChatEngine(model, tokenizer, max_batch=1)
+        self.think = think
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.system, self.max_history_turns = system, max_history_turns
         self.history: list[tuple[str, str]] = []
@@ -86,9 +97,16 @@ class Chat:
 
     def prompt(self, question: str) -> list[int]:
         messages = chat_messages(self.system, self.history, question, self.max_history_turns)
+        if self.engine.native_tools:
+            return self.engine.build_prompt(messages, self.budget, enable_thinking=self.think)
         return self.engine.build_prompt(messages, self.budget)
 
     def reply(self, question: str, out=sys.stdout) -> str:
+        if self.engine.native_tools:  # a reply format with reasoning and tool calls to show apart
+            pieces = self.engine.reply(self.prompt(question), self.params)
+            answer = show_reply(pieces, self.think, out).content
+            self.history.append((question, answer))
+            return answer
         pieces = []
         for piece in stream_text(self.model, self.tokenizer, self.prompt(question), self.params,
                                  engine=self.engine.engine):
@@ -99,6 +117,44 @@ class Chat:
         answer = "".join(pieces)
         self.history.append((question, answer))
         return answer
+
+
+class ReplyView:
+    """Writes a MiniMind-3 reply as it streams: reasoning behind a "┆ " bar (dimmed on a terminal), then the answer,
+    then each tool call as one structured line."""
+
+    def __init__(self, out):
+        self.out = out
+        self.dim = out.isatty() if hasattr(out, "isatty") else False
+        self.last = None  # the kind of the last thing written, to break lines between kinds
+
+    def write(self, kind: str, value) -> None:
+        if kind == "reasoning":
+            text = value.replace("\n", "\n┆ ")
+            if self.last != "reasoning":
+                text = "\n┆ " + text if self.last else "┆ " + text
+            self.out.write(f"{DIM}{text}{RESET}" if self.dim else text)
+        elif kind == "content":
+            self.out.write(("\n" if self.last not in (None, "content") else "") + value)
+        else:
+            function = value["function"]
+            self.out.write(("\n" if self.last else "") + f"tool call: {function['name']} {function['arguments']}")
+        self.last = kind
+        self.out.flush()
+
+
+def show_reply(pieces, think: bool, out=sys.stdout):
+    """Stream text pieces of a reply (its tags decoded) to `out` through `ReplyView`; the `ParsedReply`."""
+    parser, view, events = ReplyParser(thinking=think), ReplyView(out), []
+    for piece in pieces:
+        for event in parser.push(piece):
+            view.write(*event)
+            events.append(event)
+    for event in parser.flush():
+        view.write(*event)
+        events.append(event)
+    out.write("\n")
+    return collect_events(events)
 
 
 def answer_batch(model, tokenizer, questions: list[str], params: SamplingParams, system: str, batch_size: int):
@@ -115,7 +171,7 @@ def answer_batch(model, tokenizer, questions: list[str], params: SamplingParams,
 
 
 def interactive(chat: Chat):
-    print("Type a message; /reset forgets the conversation, /exit or Ctrl-D quits.")
+    print("Type a message; /reset forgets the conversation, /think toggles thinking, /exit or Ctrl-D quits.")
     while True:
         try:
             question = input("\nuser> ").strip()
@@ -129,6 +185,11 @@ def interactive(chat: Chat):
         if question == "/reset":
             chat.history = []
             print("(conversation cleared)")
+            continue
+        if question == "/think":
+            chat.think = not chat.think
+            print(f"(thinking {'on' if chat.think else 'off'}"
+                  f"{'' if chat.engine.native_tools else '; this model has no thinking template'})")
             continue
         print("assistant> ", end="", flush=True)
         try:
@@ -170,12 +231,12 @@ def main(argv=None):
         for question, answer in answer_batch(model, tokenizer, questions, params, args.system, args.batch_size):
             print(f"user> {question}\nassistant> {answer}\n", flush=True)
     elif args.prompt:
-        chat = Chat(model, tokenizer, params, args.system, args.max_history_turns)
+        chat = Chat(model, tokenizer, params, args.system, args.max_history_turns, think=args.think)
         for question in args.prompt:
             print(f"user> {question}\nassistant> ", end="", flush=True)
             chat.reply(question)
     else:
-        interactive(Chat(model, tokenizer, params, args.system, args.max_history_turns))
+        interactive(Chat(model, tokenizer, params, args.system, args.max_history_turns, think=args.think))
 
 
 if __name__ == "__main__":
