@@ -234,6 +234,16 @@ def sft_chunk(chunk):
     return dict(samples=samples, bad=bad, n_bytes=sum(len(x) for x in lines), too_long=too_long)
 
 
+def dpo_prompt(tok, messages) -> str:
+    """The shared prompt of a preference pair, up to where the answers differ: the conversation before the last
+    message plus the template's generation prompt (MiniMind-3: `<|im_start|>assistant\n<think>\n\n</think>\n\n`;
+    v1's template has none, its user turn already ends with `<s>assistant\n`), so the answers hold only the reply."""
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False)
+    with_header = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(messages, tokenize=False)
+    return with_header if full.startswith(with_header) else prompt
+
+
 def dpo_chunk(chunk):
     name, first, lines = chunk
     records, bad, skipped = [], [], {"identical": 0, "prompt differs": 0}
@@ -250,7 +260,7 @@ def dpo_chunk(chunk):
                 if chosen[:-1] != rejected[:-1]:
                     skipped["prompt differs"] += 1
                     continue
-                prompt = tok.apply_chat_template(chosen[:-1], tokenize=False)
+                prompt = dpo_prompt(tok, chosen)
                 good = tok.apply_chat_template(chosen, tokenize=False)[len(prompt):]
                 worse = tok.apply_chat_template(rejected, tokenize=False)[len(prompt):]
                 if good == worse:

@@ -154,6 +154,11 @@ def chat_prompt(chat: ChatEngine, options: ServerOptions, req: ChatRequest) -> t
     except ValueError as err:
         raise ApiError(400, str(err), param="messages", code="invalid_value") from None
     left = chat.context_length - len(prompt_ids)
+    if left < 1:  # what cannot be cut (the system turn with the tools description) already fills the context
+        raise ApiError(400, f"the prompt needs {len(prompt_ids)} tokens even with the oldest turns dropped (the "
+                       f"system turn and the tools description stay whole), but the model's context is "
+                       f"{chat.context_length}; send fewer or shorter tools or a shorter system prompt",
+                       param="tools" if req.tools else "messages", code="context_length_exceeded")
     return prompt_ids, sampling(options, req, left if max_tokens is None else min(max_tokens, left))
 
 

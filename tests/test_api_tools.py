@@ -252,3 +252,12 @@ def test_tool_call_streamed(tool_server):
 def test_tool_choice_none_gives_text(tool_server):
     reply = ask(tool_server, [QUESTION], tool_choice="none").choices[0]
     assert reply.finish_reason in ("stop", "length") and not reply.message.tool_calls
+
+
+def test_tools_that_fill_the_context_are_a_400_not_a_500():
+    """The system turn with the tools description is never cut; when it alone fills the context, say so."""
+    chat = ChatEngine(MiniMindForCausalLM(LMConfig(**{**tiny3_config().to_dict(), "max_seq_len": 64})),
+                      load_tokenizer(TOKENIZER3_DIR))
+    with pytest.raises(ApiError) as err:
+        chat_prompt(chat, ServerOptions(), chat_request(tools=TOOLS))
+    assert err.value.status == 400 and err.value.param == "tools" and "context" in str(err.value)
