@@ -177,7 +177,8 @@ class Reply:
         return len(self.prompt_ids)
 
     def __iter__(self) -> Iterator[str]:
-        text = ReplyText(self.chat.tokenizer, self.chat.eos_token_id, self.stop)
+        # A chat reply shows the reply format's tags (MiniMind-3's <think>, <tool_call>) for the parser to split on
+        text = ReplyText(self.chat.tokenizer, self.chat.eos_token_id, self.stop, hidden_ids=self.chat.hidden_special_ids)
         handle = self.chat.submit(self.prompt_ids, self.params)
         try:
             for out in handle:

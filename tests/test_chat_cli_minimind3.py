@@ -47,8 +47,13 @@ def test_think_flag_reaches_the_template_and_the_history_keeps_the_answer():
     for think, tail in ((True, "<|im_start|>assistant\n<think>\n"), (False, "<think>\n\n</think>\n\n")):
         chat = chat_cli.Chat(model, tokenizer, params, think=think)
         assert tokenizer.decode(chat.prompt("你好")).endswith(tail)
-        answer = chat.reply("你好", out=io.StringIO())
+        shown = io.StringIO()
+        answer = chat.reply("你好", out=shown)
         assert chat.history == [("你好", answer)] and "<think>" not in answer
+    # the reply stream shows the format's tags to the parser, and no other special token
+    hidden = chat.engine.hidden_special_ids
+    assert tokenizer.convert_tokens_to_ids("<think>") not in hidden
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in hidden
 
 
 def test_cli_runs_a_family_checkpoint_with_think(tmp_path):

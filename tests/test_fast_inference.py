@@ -278,3 +278,32 @@ def test_page_draws_chinese_with_a_cjk_font(browser_chat):
     assert browser_chat["first_text"] == "你好"
     used = browser_chat["fonts"]
     assert sum(used.values()) == 2 and set(used) <= families, f"你好 was drawn with {used}, not a Chinese font"
+
+
+def test_minimind3_model_shows_thinking_in_a_collapsible_block(monkeypatch, tmp_path):
+    from model.checkpoint import save_weights
+    from model.LMConfig import PRESETS, LMConfig
+    from model.model import MiniMindForCausalLM
+
+    torch.manual_seed(0)
+    config = LMConfig(**{**PRESETS["minimind-3"], "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                         "head_dim": 16, "hidden_dim": 128, "max_seq_len": 128})
+    model = MiniMindForCausalLM(config)
+    with torch.no_grad():  # weights spread as a trained model's, so greedy decoding writes text
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 if "tok_embeddings" in name else 0.3)
+        model.tok_embeddings.weight[2].zero_()  # no early <|im_end|>: the reply is never empty
+    ckpt = save_weights(model.state_dict(), tmp_path / "full_sft_64.pth", config)
+    at = page(monkeypatch, "--ckpt", ckpt, "--device", "cpu")  # the family's tokenizer is picked by default
+    assert not at.exception
+    at.sidebar.toggle[0].set_value(True)
+    next(s for s in at.sidebar.slider if s.label.startswith("Temperature")).set_value(0.0)
+    at.sidebar.number_input[0].set_value(12)
+    at.chat_input[0].set_value("你好").run()
+    assert not at.exception
+    reply = at.session_state.messages[-1]
+    assert reply["role"] == "assistant" and reply.get("reasoning_content")  # it started inside <think>
+    assert any(e.label == "Thinking" for e in at.expander)
+    at.chat_input[0].set_value("再说一次").run()  # the history re-renders with the block collapsed
+    assert not at.exception and len(at.session_state.messages) == 4
