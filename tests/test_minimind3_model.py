@@ -162,3 +162,17 @@ def test_pretraining_documents_are_wrapped_in_the_family_tokenizers_own_markers(
 
     assert data_process.document_markers(str(TOKENIZER_DIR)) == ("<s>", "</s>")
     assert data_process.document_markers(str(TOKENIZER3_DIR)) == ("<|im_start|>", "<|im_end|>")
+
+
+def test_dpo_pairs_in_either_familys_template():
+    """The prompt carries the template's generation prompt, so chosen/rejected hold the reply alone."""
+    import data_process
+    from model.checkpoint import TOKENIZER3_DIR, TOKENIZER_DIR, load_tokenizer
+
+    pair = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    v1 = load_tokenizer(TOKENIZER_DIR)
+    assert data_process.dpo_prompt(v1, pair) == "<s>user\n你好</s>\n<s>assistant\n"
+    m3 = load_tokenizer(TOKENIZER3_DIR)
+    prompt = data_process.dpo_prompt(m3, pair)
+    assert prompt == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert m3.apply_chat_template(pair, tokenize=False)[len(prompt):] == "你好！<|im_end|>\n"
