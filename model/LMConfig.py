@@ -16,8 +16,6 @@ import argparse
 
 from transformers import PretrainedConfig
 
-from .errors import UsageError
-
 
 class LMConfig(PretrainedConfig):
     model_type = "minimind"
@@ -193,7 +191,11 @@ def model_flags(args: argparse.Namespace) -> dict:
             fields[name] = value
     scaling, factor = getattr(args, "rope_scaling", None), getattr(args, "rope_factor", None)
     if (scaling is None) != (factor is None):
-        raise UsageError("--rope_scaling and --rope_factor go together, e.g. --rope_scaling yarn --rope_factor 4")
+        # Imported here: LMConfig.py travels alone as exported remote code, where this CLI helper never runs, and
+        # transformers 4.x copies only a remote module's top-level relative imports into its cache.
+        from . import errors
+
+        raise errors.UsageError("--rope_scaling and --rope_factor go together, e.g. --rope_scaling yarn --rope_factor 4")
     if scaling == "linear":
         fields["rope_scaling_factor"] = factor
     elif scaling == "yarn":

@@ -9,11 +9,10 @@ import os
 import re
 import shutil
 import sys
-import time
 
 import pytest
 from conftest import ROOT
-from test_readme_chain import SKIP, port_is_free, shell
+from test_readme_chain import SKIP, port_is_free, served, shell
 
 MARKER = "<!-- minimind3-chain"
 TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "计算算式",
@@ -29,35 +28,16 @@ def chain_commands() -> list[str]:
 
 
 def serve_with_tools(command: str, cwd, env):
-    import subprocess
-
-    from openai import OpenAI
-
     port = int(command.rsplit("--port", 1)[1].split()[0])
     if not port_is_free(port):
         pytest.skip(f"port {port} is taken on this machine")
-    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-        deadline = time.time() + 120
-        while True:
-            try:
-                client.models.list()
-                break
-            except Exception:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"`{command}` did not come up:\n{server.stdout.read()[-3000:]}")
-                time.sleep(0.5)
+    with served(command, cwd, env, port) as (client, _):
         reply = client.chat.completions.create(model="full_sft_128", messages=[{"role": "user", "content": "3*7=?"}],
                                                tools=TOOLS, max_tokens=16, temperature=0,
                                                extra_body={"enable_thinking": True})
         choice = reply.choices[0]
         assert choice.message.role == "assistant" and reply.usage.completion_tokens >= 1
         assert choice.finish_reason in ("stop", "length", "tool_calls")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_minimind3_chain_as_printed(tmp_path):

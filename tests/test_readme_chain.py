@@ -5,6 +5,7 @@ The repository is copied to a temp folder first, so the commands' default paths 
 the checkout stays clean. The quick start runs with fewer steps (QUICKSTART_STEPS, its documented knob).
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -39,13 +40,11 @@ def port_is_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def serve_and_chat(command: str, cwd, env):
+@contextlib.contextmanager
+def served(command: str, cwd, env, port: int):
+    """(openai client, its model list) while a server command from the README runs on `port`."""
     from openai import OpenAI
 
-    port = 8998
-    if not port_is_free(port):  # someone else's server: the same command on another port
-        command += " --port 18998"
-        port = 18998
     server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
@@ -59,13 +58,22 @@ def serve_and_chat(command: str, cwd, env):
                 if server.poll() is not None or time.time() > deadline:
                     pytest.fail(f"`{command}` did not come up:\n{server.stdout.read()[-3000:]}")
                 time.sleep(0.5)
+        yield client, models
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def serve_and_chat(command: str, cwd, env):
+    port = 8998
+    if not port_is_free(port):  # someone else's server: the same command on another port
+        command += " --port 18998"
+        port = 18998
+    with served(command, cwd, env, port) as (client, models):
         assert [m.id for m in models.data] == ["rl_128"]
         reply = client.chat.completions.create(model="rl_128", messages=[{"role": "user", "content": "你好"}],
                                                max_tokens=8, temperature=0)
         assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens >= 1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_quickstart_then_readme_commands_as_printed(tmp_path):
