@@ -402,6 +402,26 @@ def write_summary(summary: list[dict], unlabelled: list[str], problems: list[str
                   chart)
 
 
+def score_subject(model, letter_ids, args, subject: str, questions, labelled: bool, prompts, used_shots, out_dir):
+    """(predicted letters, its summary row or None when the split has no answers); writes {subject}.csv."""
+    logits = letter_logits(model, prompts, letter_ids, args.batch_size)
+    predicted = [LETTERS[i] for i in logits.argmax(dim=-1).tolist()]
+    header, rows = prediction_rows(questions, predicted, logits.softmax(dim=-1), used_shots, prompts, labelled)
+    write_text_atomic(out_dir / f"{subject}.csv", csv_text(header, rows))
+    if not labelled:
+        return predicted, None
+    correct = sum(q.answer == p for q, p in zip(questions, predicted))
+    return predicted, {"subject": subject, "correct": correct, "total": len(questions),
+                       "accuracy": correct / len(questions)}
+
+
+def print_prompt_notes(n_fewer_shots: int, n_cut: int, max_tokens: int) -> None:
+    if n_fewer_shots:
+        print(f"{n_fewer_shots} prompt(s) used fewer shots than asked, to fit the {max_tokens}-token context")
+    if n_cut:
+        print(f"{n_cut} prompt(s) were longer than {max_tokens} tokens even zero-shot and lost their beginning")
+
+
 @exit_on_usage_error
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -432,19 +452,12 @@ def main(argv=None) -> int:
         title = titles.get(subject, subject.replace("_", " "))
         prompts, used_shots, cut, fewer = subject_prompts(tokenizer, title, questions, shots_pool, args, max_tokens)
         n_cut, n_fewer_shots = n_cut + cut, n_fewer_shots + fewer
-        logits = letter_logits(model, prompts, letter_ids, args.batch_size)
-        probs = logits.softmax(dim=-1)
-        predicted = [LETTERS[i] for i in logits.argmax(dim=-1).tolist()]
+        predicted, row = score_subject(model, letter_ids, args, subject, questions, labelled, prompts, used_shots,
+                                       out_dir)
         all_predictions[subject] = {q.id: p for q, p in zip(questions, predicted)}
-
-        header, rows = prediction_rows(questions, predicted, probs, used_shots, prompts, labelled)
-        write_text_atomic(out_dir / f"{subject}.csv", csv_text(header, rows))
-
-        if labelled:
-            correct = sum(q.answer == p for q, p in zip(questions, predicted))
-            summary.append({"subject": subject, "correct": correct, "total": len(questions),
-                            "accuracy": correct / len(questions)})
-            print(f"[{k}/{len(files)}] {subject}: {correct}/{len(questions)} = {correct / len(questions):.4f}")
+        if row is not None:
+            summary.append(row)
+            print(f"[{k}/{len(files)}] {subject}: {row['correct']}/{row['total']} = {row['accuracy']:.4f}")
         else:
             unlabelled.append(subject)
             print(f"[{k}/{len(files)}] {subject}: {len(questions)} predictions (no answers in this split)")
@@ -455,10 +468,7 @@ def main(argv=None) -> int:
     write_text_atomic(out_dir / "predictions.json", json.dumps(all_predictions, ensure_ascii=False, indent=1) + "\n")
     n_questions = sum(len(p) for p in all_predictions.values())
     print(f"\n{n_questions} questions in {time.time() - start:.1f}s; predictions in {out_dir}")
-    if n_fewer_shots:
-        print(f"{n_fewer_shots} prompt(s) used fewer shots than asked, to fit the {max_tokens}-token context")
-    if n_cut:
-        print(f"{n_cut} prompt(s) were longer than {max_tokens} tokens even zero-shot and lost their beginning")
+    print_prompt_notes(n_fewer_shots, n_cut, max_tokens)
     if unlabelled:
         print(f"{len(unlabelled)} subject(s) have no answers in the {args.split} split, so they are predictions only "
               f"(no accuracy): {', '.join(unlabelled)}")

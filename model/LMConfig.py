@@ -78,14 +78,7 @@ class LMConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.rope_theta = rope_theta
         self.rope_scaling_factor = rope_scaling_factor
-        self.head_dim = head_dim or dim // n_heads
-        self.qk_norm = qk_norm
-        self.rope_layout = rope_layout
-        self.yarn = dict(yarn) if yarn else None
-        self.max_position_embeddings = max_position_embeddings or max_seq_len
-        if self.yarn:
-            self._complete_yarn()
-        self.moe_hidden_dim = moe_hidden_dim
+        self._set_family_fields(head_dim, qk_norm, rope_layout, yarn, max_position_embeddings, moe_hidden_dim)
         # v1 ties the output projection to the token embedding; token ids match the bundled tokenizer.
         kwargs.setdefault("tie_word_embeddings", True)
         kwargs.setdefault("bos_token_id", 1)
@@ -93,6 +86,17 @@ class LMConfig(PretrainedConfig):
         kwargs.setdefault("pad_token_id", 0)
         super().__init__(**kwargs)
         self._check(explicit_head_dim=head_dim is not None)
+
+    def _set_family_fields(self, head_dim, qk_norm, rope_layout, yarn, max_position_embeddings, moe_hidden_dim):
+        """The fields MiniMind-3 added to v1's (their defaults describe v1)."""
+        self.head_dim = head_dim or self.dim // self.n_heads
+        self.qk_norm = qk_norm
+        self.rope_layout = rope_layout
+        self.yarn = dict(yarn) if yarn else None
+        self.max_position_embeddings = max_position_embeddings or self.max_seq_len
+        self.moe_hidden_dim = moe_hidden_dim
+        if self.yarn:
+            self._complete_yarn()
 
     def _check(self, explicit_head_dim: bool) -> None:
         dim, n_heads, n_kv_heads = self.dim, self.n_heads, self.n_kv_heads

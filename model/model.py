@@ -226,14 +226,14 @@ class Attention(nn.Module):
         causal = True if mask is None and T > 1 else False
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.n_heads != self.n_kv_heads
-        if isinstance(mask, BlockMask):  # document masks on CUDA under torch.compile (see `_document_mask`)
+        if isinstance(mask, BlockMask):  # document masks on CUDA under torch.compile (`_document_mask_and_positions`)
             out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         elif self.use_sdpa:
             if mask is not None and gqa and q.device.type == "cuda":
                 # On CUDA, SDPA has no fused kernel for an explicit mask together with enable_gqa and falls back to
                 # the math kernel; with the KV heads repeated, the memory-efficient kernel takes the mask.
-                k, v = k.repeat_interleave(self.n_heads // self.n_kv_heads, 1), v.repeat_interleave(
-                    self.n_heads // self.n_kv_heads, 1)
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
                 gqa = False
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                                                  enable_gqa=gqa)
@@ -348,6 +348,13 @@ def _routing_is_free_to_read(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def _slots_by_expert(topk_idx: torch.Tensor):
+    """(expert of each (token, slot) pair, the pairs' order sorted by expert, the token of each sorted pair)."""
+    flat_idx = topk_idx.reshape(-1)
+    order = flat_idx.argsort(stable=True)
+    return flat_idx, order, order // topk_idx.shape[1]
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a matmul in (custom ops are not autocast), else x's own."""
     device = x.device.type
@@ -392,9 +399,7 @@ class MoEFeedForward(nn.Module):
     def _chosen_experts(self, flat, topk_idx, topk_weight):
         """Each expert on exactly its own tokens, idle experts skipped (CPU inference only, see
         `_routing_is_free_to_read`): half the work of `_every_expert` when decoding top-2 of 4."""
-        flat_idx = topk_idx.reshape(-1)
-        order = flat_idx.argsort(stable=True)
-        token_of = order // topk_idx.shape[1]
+        flat_idx, order, token_of = _slots_by_expert(topk_idx)
         counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
         out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
         start = 0
@@ -420,10 +425,8 @@ class MoEFeedForward(nn.Module):
 
     def _grouped(self, flat, topk_idx, topk_weight):
         """(token, slot) pairs sorted by expert; each projection is one grouped GEMM over the sorted rows."""
-        E, k = len(self.experts), topk_idx.shape[1]
-        flat_idx = topk_idx.reshape(-1)
-        order = flat_idx.argsort(stable=True)
-        token_of = order // k
+        E = len(self.experts)
+        flat_idx, order, token_of = _slots_by_expert(topk_idx)
         counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat_idx,
                                                                                  torch.ones_like(flat_idx))
         offs = counts.cumsum(0).to(torch.int32)
@@ -551,8 +554,20 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
 
         mask, position_ids, real = self._attention_inputs(document_ids, attention_mask, token_mask, position_ids,
                                                           B, T, past, h.device)
-        rope = _rope(self.config, position_ids)
+        logits, aux_total = self._layers_to_logits(h, _rope(self.config, position_ids), mask, cache, real,
+                                                   logits_to_keep)
+        loss = None
+        if labels is not None or targets is not None:
+            loss = _lm_loss(logits, labels, targets, num_items_in_batch)
+            if aux_total is not None and self.training:
+                loss = loss + aux_total
+        out = MiniMindCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_total)
+        if use_cache:  # under the field name this transformers declares, so no deprecation shim runs
+            out[_CACHE_FIELD] = cache
+        return out
 
+    def _layers_to_logits(self, h, rope, mask, cache, real, logits_to_keep):
+        """(logits at the kept positions, the MoE balance loss summed over layers or None)."""
         h = _dropout(self.dropout, h)
         aux_total = None
         for layer in self.layers:
@@ -564,17 +579,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             h = h[:, logits_to_keep]
         elif logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.output(h)
-
-        loss = None
-        if labels is not None or targets is not None:
-            loss = _lm_loss(logits, labels, targets, num_items_in_batch)
-            if aux_total is not None and self.training:
-                loss = loss + aux_total
-        out = MiniMindCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_total)
-        if use_cache:  # under the field name this transformers declares, so no deprecation shim runs
-            out[_CACHE_FIELD] = cache
-        return out
+        return self.output(h), aux_total
 
     def _attention_inputs(self, document_ids, attention_mask, token_mask, position_ids, B: int, T: int, past: int,
                           device):
@@ -586,7 +591,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                                                               self.training and self.config.dropout > 0)
         else:
             mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, device)
-        real = _real_tokens(document_ids, attention_mask, token_mask, T) if self.config.use_moe else None
+        real = real_tokens(document_ids, attention_mask, token_mask, T) if self.config.use_moe else None
         return mask, position_ids, real
 
     def num_parameters_unique(self) -> int:
@@ -675,8 +680,10 @@ def _document_mask_and_positions(doc: torch.Tensor, position_ids, dropout: bool)
     return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1), position_ids
 
 
-def _real_tokens(document_ids, attention_mask, token_mask, T: int):
-    """(B, T) bool of the real (non-padding) input tokens, for the MoE balance loss; None when all are real."""
+def real_tokens(document_ids, attention_mask, token_mask, T: int):
+    """(B, T) bool of the real (non-padding) input tokens: document_ids >= 0, else a 2D attention_mask (a 4D one is
+    a ready mask, not padding), else token_mask; None when all are real. The MoE balance loss and the training
+    loop's tokens/s both count these."""
     if document_ids is not None:
         return document_ids >= 0
     if attention_mask is not None and attention_mask.dim() == 2:

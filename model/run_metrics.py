@@ -29,8 +29,13 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     k = min(max(1, round(n * fraction)), n - 1)
     g = torch.Generator().manual_seed(seed * 7_919 + 17)
     held = torch.randperm(n, generator=g)[:k].sort().values.tolist()
+    return items_left(n, held), held
+
+
+def items_left(n: int, held: list[int]) -> list[int]:
+    """The indices 0..n-1 not in `held`, in order: the training items of a split."""
     held_set = set(held)
-    return [i for i in range(n) if i not in held_set], held
+    return [i for i in range(n) if i not in held_set]
 
 
 def _finite(value):

@@ -40,7 +40,8 @@ from .checkpoint import (
 )
 from .dataset import ShardedSampler
 from .errors import UsageError
-from .run_metrics import MetricsFile, holdout_split
+from .model import real_tokens
+from .run_metrics import MetricsFile, holdout_split, items_left
 
 IMAGES_DIR = ROOT_DIR / "images"
 DEFAULT_DS_CONFIG = ROOT_DIR / "ds_config_zero2.json"
@@ -299,16 +300,12 @@ def loss_item_count(batch: dict) -> torch.Tensor:
 
 
 def real_token_count(batch: dict) -> torch.Tensor:
-    """The real (non-padding) tokens of a batch, as a device tensor: document_ids >= 0, else a 2D attention_mask
-    (a 4D one is a ready mask, not padding), else token_mask, else every position."""
-    if batch.get("document_ids") is not None:
-        return (batch["document_ids"] >= 0).sum()
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        return mask.sum()
-    if batch.get("token_mask") is not None:
-        return batch["token_mask"].sum()
+    """The real (non-padding) tokens of a batch, as a device tensor, by the model's own rule (`real_tokens`):
+    every position when the batch marks no padding."""
     ids = batch["input_ids"]
+    real = real_tokens(batch.get("document_ids"), batch.get("attention_mask"), batch.get("token_mask"), ids.shape[1])
+    if real is not None:
+        return real.sum()
     # A fill on the device rather than a host-to-device copy of the number.
     return torch.full((), ids.numel(), dtype=torch.long, device=ids.device)
 
@@ -676,8 +673,7 @@ def _holdout(args, dataset, state: dict | None) -> tuple[object, list[int]]:
         if val_idx and (min(val_idx) < 0 or max(val_idx) >= n):
             raise CheckpointError(f"--resume: the resume file holds out item {max(val_idx)} for validation, but the "
                                   f"dataset has {n:,} items; resume with the data the run was started on")
-        held = set(val_idx)
-        train_idx = [i for i in range(n) if i not in held]
+        train_idx = items_left(n, val_idx)
     else:
         if not 0 <= args.val_fraction < 1:
             raise UsageError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
