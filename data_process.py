@@ -6,6 +6,8 @@
     python data_process.py sft      --input dataset/sft_minimind3_sample.jsonl --output dataset/sft3_data.bin \
                                     --tokenizer model/minimind3_tokenizer
     python data_process.py dpo      --input dpo_zh.jsonl.gz --output dataset/dpo_data.jsonl
+    python data_process.py arithmetic                  # GRPO prompts + SFT cold start (model/arithmetic.py)
+    python data_process.py arithmetic --task tools     # tool-use problems for 6-grpo_train.py --task tools
 
 Inputs are .jsonl or .jsonl.gz (pretrain also takes .csv/.csv.gz with a `text` column):
 - pretrain: Seq-Monkey {"text": ...}; each document becomes <s> tokens </s>, kept whole however long.
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from model.arithmetic import write_sets
 from model.checkpoint import TOKENIZER_DIR
 from model.dataset import (
     BLANK,
@@ -50,6 +53,8 @@ from model.dataset import (
     validate_messages,
 )
 from model.errors import exit_on_usage_error
+
+ROOT = Path(__file__).resolve().parent
 
 csv.field_size_limit(sys.maxsize)
 
@@ -406,7 +411,24 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--num_perm", type=int, default=128, help="MinHash permutations")
         if stage == "sft":
             p.add_argument("--max_seq_len", type=int, default=512, help="truncate conversations to this many tokens")
+    p = sub.add_parser("arithmetic", help="generate the GRPO arithmetic set and its SFT cold start")
+    p.add_argument("--task", choices=["math", "tools"], default="math")
+    p.add_argument("--n", type=int, default=2000, help="problems in each file")
+    p.add_argument("--max_value", type=int, default=20, help="largest operand of sums and differences")
+    p.add_argument("--thinking", action="store_true", help="SFT replies put the working in reasoning_content")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="GRPO prompts (default dataset/grpo_arithmetic.jsonl)")
+    p.add_argument("--sft_output", default=None, help="SFT dialogues (default dataset/sft_arithmetic.jsonl)")
     return parser.parse_args(argv)
+
+
+def write_arithmetic(args) -> int:
+    stem = "tools" if args.task == "tools" else "arithmetic"
+    grpo = Path(args.output or ROOT / "dataset" / f"grpo_{stem}.jsonl")
+    sft = Path(args.sft_output or ROOT / "dataset" / f"sft_{stem}.jsonl")
+    n_rl, n_sft = write_sets(grpo, sft, args.n, args.seed, args.max_value, args.task, args.thinking)
+    print(f"wrote {grpo} ({n_rl:,} GRPO prompts with answers) and {sft} ({n_sft:,} SFT dialogues)")
+    return 0
 
 
 def make_sink(args, out: Path, dedup: bool, num_perm: int):
@@ -422,6 +444,8 @@ def make_sink(args, out: Path, dedup: bool, num_perm: int):
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
+    if args.stage == "arithmetic":
+        return write_arithmetic(args)
 
     paths = [Path(p) for p in args.input]
     missing = [str(p) for p in paths if not p.is_file()]

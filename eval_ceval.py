@@ -4,6 +4,10 @@
     python eval_ceval.py --ckpt out/full_sft_512.pth --data_dir ../ceval-exam --split val --shots 5
     python eval_ceval.py --ckpt out/full_sft_512_moe.pth --data_dir ../ceval-exam --split test
     python eval_ceval.py --ckpt out/full_sft_512.pth --benchmark cmmlu --data_dir ../cmmlu --split test
+    python eval_ceval.py --harness lm_eval --model out/MiniMind-v1-small-llama --data_dir ../ceval-exam --split val
+
+--harness lm_eval scores an exported transformers folder (export_model.py) with lm-evaluation-harness's `hf` model
+instead, on the same local files and the same prompt; see model/lm_eval_tasks/harness.py.
 
 Data layouts (the benchmarks are not bundled; see the README for where to download them):
 - C-Eval: `{subject}_{split}.csv` with columns id,question,A,B,C,D,answer (the test split has no answer column),
@@ -159,6 +163,11 @@ def subject_titles(data_dir: Path) -> dict[str, str]:
 # prompts and scoring
 
 
+def subject_title(titles: dict[str, str], subject: str) -> str:
+    """The subject's name in the prompt: its Chinese name from subject_mapping.json, else the file's name."""
+    return titles.get(subject, subject.replace("_", " "))
+
+
 def format_question(q: Question) -> str:
     return q.question + "\n" + "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, q.options))
 
@@ -290,15 +299,22 @@ def print_problems(problems: list[str], limit: int = 30):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a MiniMind checkpoint on C-Eval / CMMLU.")
-    parser.add_argument("--ckpt", required=True, help="a .pth state dict, e.g. out/full_sft_512.pth")
+    parser.add_argument("--ckpt", default=None, help="a .pth state dict, e.g. out/full_sft_512.pth")
+    parser.add_argument("--harness", choices=("minimind", "lm_eval"), default="minimind",
+                        help="minimind: this script scores --ckpt; lm_eval: lm-evaluation-harness scores --model")
+    parser.add_argument("--model", default=None, help="--harness lm_eval: an export_model.py folder")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="--harness lm_eval: run the model code a --format minimind folder ships")
     parser.add_argument("--data_dir", required=True, help="the benchmark folder (see the layouts above)")
     parser.add_argument("--benchmark", choices=sorted(SPLITS), default="ceval")
     parser.add_argument("--split", default="val", help="ceval: val|dev|test; cmmlu: dev|test")
     parser.add_argument("--shots", type=int, default=0, choices=range(6), help="few-shot examples from dev (0..5)")
     parser.add_argument("--subjects", nargs="*", default=None, help="only these subjects (default: all)")
     parser.add_argument("--batch_size", type=int, default=16, help="questions scored per forward (packed, no padding)")
-    parser.add_argument("--out_dir", default=None, help="default: eval_results/{benchmark}_{split}")
-    parser.add_argument("--chart", default=None, help="default: images/{benchmark}_{split}_accuracy.png")
+    parser.add_argument("--out_dir", default=None,
+                        help="default: eval_results/{benchmark}_{split} (with --harness lm_eval: ..._lm_eval)")
+    parser.add_argument("--chart", default=None,
+                        help="default: images/{benchmark}_{split}_accuracy.png (lm_eval: ..._lm_eval_accuracy.png)")
     parser.add_argument("--tokenizer_dir", default=None, help="default: the bundled tokenizer of the model's family")
     parser.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -309,6 +325,13 @@ def parse_args(argv=None):
         parser.error(f"--split {args.split!r}: {args.benchmark} has the splits {', '.join(SPLITS[args.benchmark])}")
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
+    if args.harness == "minimind" and not args.ckpt:
+        parser.error("--ckpt is required (or --harness lm_eval with --model FOLDER)")
+    if args.harness == "lm_eval" and not args.model:
+        parser.error("--harness lm_eval needs --model, a folder written by export_model.py")
+    if args.harness == "lm_eval" and args.benchmark == "ceval" and args.split == "test":
+        parser.error("--harness lm_eval scores labelled splits only; C-Eval's test split has no answers (use the "
+                     "default harness for its predictions)")
     return args
 
 
@@ -394,12 +417,13 @@ def write_summary(summary: list[dict], unlabelled: list[str], problems: list[str
     rows = [[r["subject"], r["correct"], r["total"], f"{r['accuracy']:.4f}"] for r in summary]
     rows.append(["TOTAL", total_correct, total, f"{overall:.4f}"])
     write_text_atomic(out_dir / "summary.csv", csv_text(["subject", "correct", "total", "accuracy"], rows))
-    report = {"benchmark": args.benchmark, "split": args.split, "shots": args.shots, "ckpt": str(args.ckpt),
+    source = args.ckpt or args.model
+    report = {"benchmark": args.benchmark, "split": args.split, "shots": args.shots, "ckpt": str(source),
+              "harness": args.harness,
               "subjects": summary, "total": {"correct": total_correct, "total": total, "accuracy": overall},
               "macro_accuracy": macro, "unlabelled_subjects": unlabelled, "problems": problems}
     write_text_atomic(out_dir / "summary.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    plot_accuracy(summary, overall, f"{args.benchmark} {args.split}, {args.shots}-shot: {Path(args.ckpt).name}",
-                  chart)
+    plot_accuracy(summary, overall, f"{args.benchmark} {args.split}, {args.shots}-shot: {Path(source).name}", chart)
 
 
 def score_subject(model, letter_ids, args, subject: str, questions, labelled: bool, prompts, used_shots, out_dir):
@@ -422,6 +446,46 @@ def print_prompt_notes(n_fewer_shots: int, n_cut: int, max_tokens: int) -> None:
         print(f"{n_cut} prompt(s) were longer than {max_tokens} tokens even zero-shot and lost their beginning")
 
 
+def run_lm_eval(args, data_dir: Path, files: dict[str, Path], out_dir: Path, chart: Path) -> int:
+    """--harness lm_eval: the same subjects and questions (read here first, so bad rows are reported the same way),
+    scored by lm-evaluation-harness on an exported folder; writes what the default harness writes, plus
+    lm-eval's results (lm_eval_results.json), its per-question prompts and scores (lm_eval_samples.json) and the
+    task files (lm_eval_tasks/)."""
+    from model.lm_eval_tasks.harness import check_model_folder, evaluate_folder
+
+    model_dir = Path(args.model)
+    check_model_folder(model_dir, args.trust_remote_code)
+    problems: list[str] = []
+    dev_files = subject_files(data_dir, args.benchmark, "dev") if args.shots else {}
+    shots = {}
+    for subject, path in files.items():
+        if not read_questions(path, problems)[0]:
+            problems.append(f"{path}: no usable questions; skipped the subject")
+            continue
+        pool = dev_examples(subject, dev_files, args.shots, problems)
+        # lm-eval asks its sampler for exactly n examples; ours takes what there is (on dev, minus the question)
+        shots[subject] = max(0, min(args.shots, len(pool) - (args.split == "dev")))
+    if not shots:
+        sys.exit("error: no subject had usable questions; nothing evaluated")
+    device = args.device or default_device()
+    dtype = str(resolve_dtype(args.dtype, device, fp16_fallback=False)).removeprefix("torch.")
+    print(f"{args.benchmark} {args.split}: {len(shots)} subject(s), {args.shots}-shot, lm-eval on {model_dir} "
+          f"({device}, {dtype})")
+    run = evaluate_folder(model_dir, data_dir, args.benchmark, args.split, shots, out_dir / "lm_eval_tasks",
+                          device, dtype, args.batch_size, args.trust_remote_code)
+    for k, row in enumerate(run.summary, 1):
+        print(f"[{k}/{len(run.summary)}] {row['subject']}: {row['correct']}/{row['total']} = {row['accuracy']:.4f}")
+    print_problems(problems)
+    for name, data in (("predictions.json", run.predictions), ("lm_eval_results.json", run.results),
+                       ("lm_eval_samples.json", run.samples)):
+        write_text_atomic(out_dir / name, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+    write_summary(run.summary, [], problems, args, out_dir, chart)
+    print(f"summary: {out_dir / 'summary.csv'}, {out_dir / 'summary.json'}; chart: {chart}")
+    print(f"lm-eval results: {out_dir / 'lm_eval_results.json'}; the same run with lm-eval's own command:\n"
+          f"  {run.command}")
+    return 0
+
+
 @exit_on_usage_error
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -431,9 +495,12 @@ def main(argv=None) -> int:
     files = selected_subjects(args, data_dir)
     dev_files = subject_files(data_dir, args.benchmark, "dev") if args.shots else {}
     titles = subject_titles(data_dir)
-    out_dir = Path(args.out_dir) if args.out_dir else ROOT_DIR / "eval_results" / f"{args.benchmark}_{args.split}"
-    chart = Path(args.chart) if args.chart else ROOT_DIR / "images" / f"{args.benchmark}_{args.split}_accuracy.png"
+    run_name = f"{args.benchmark}_{args.split}" + ("_lm_eval" if args.harness == "lm_eval" else "")
+    out_dir = Path(args.out_dir) if args.out_dir else ROOT_DIR / "eval_results" / run_name
+    chart = Path(args.chart) if args.chart else ROOT_DIR / "images" / f"{run_name}_accuracy.png"
 
+    if args.harness == "lm_eval":
+        return run_lm_eval(args, data_dir, files, out_dir, chart)
     model, tokenizer, device, dtype = load_scored_model(args)
     letter_ids = letter_token_ids(tokenizer)
     max_tokens = model.config.context_length
@@ -449,7 +516,7 @@ def main(argv=None) -> int:
             problems.append(f"{path}: no usable questions; skipped the subject")
             continue
         shots_pool = dev_examples(subject, dev_files, args.shots, problems)
-        title = titles.get(subject, subject.replace("_", " "))
+        title = subject_title(titles, subject)
         prompts, used_shots, cut, fewer = subject_prompts(tokenizer, title, questions, shots_pool, args, max_tokens)
         n_cut, n_fewer_shots = n_cut + cut, n_fewer_shots + fewer
         predicted, row = score_subject(model, letter_ids, args, subject, questions, labelled, prompts, used_shots,

@@ -4,6 +4,7 @@
     python export_model.py --ckpt out/full_sft_512.pth --format llama --out_dir out/MiniMind-v1-small-llama
     python export_model.py --ckpt out/full_sft_512_moe.pth --out_dir out/MiniMind-v1-moe
     python export_model.py --ckpt out/full_sft_768.pth --dtype bfloat16 --out_dir ...
+    python export_model.py --ckpt out/full_sft_512.pth --format gguf --dtype q8_0 --out_dir out/MiniMind-v1-small-gguf
 
 Formats:
 - minimind (default): our own model code travels in the folder (LMConfig.py, model.py) and config.json points at it
@@ -23,10 +24,14 @@ Formats:
 - minimind3: the MiniMind-3 family in the layout MiniMind-3 publishes its weights in (config.json with
   hidden_size/num_hidden_layers/..., model.safetensors with model.layers.{i}.self_attn.q_proj...), which this
   project's `--ckpt`/`--init` read back with no flags.
+- gguf: one GGUF file for llama.cpp (architecture llama for dense v1, qwen3 / qwen3moe for the MiniMind-3 family;
+  --dtype float32/float16/bfloat16/q8_0) with our tokenizer and chat template inside, and an Ollama Modelfile beside
+  it. v1 MoE (shared expert) and YaRN are refused. See model/gguf_export.py.
 
-Before the folder appears, the export is loaded back through AutoModelForCausalLM and its logits are compared with
-the checkpoint's (--no_verify skips this). The folder is written under a temporary name and renamed at the end, and
-an existing non-empty folder is only replaced with --force. No network access is needed.
+Before the folder appears, the export is loaded back through AutoModelForCausalLM (a GGUF file: through the numpy
+forward over the file) and its logits are compared with the checkpoint's (--no_verify skips this). The folder is
+written under a temporary name and renamed at the end, and an existing non-empty folder is only replaced with
+--force. No network access is needed.
 """
 
 from __future__ import annotations
@@ -397,57 +402,97 @@ def export(model, out_dir: Path, fmt: str = "minimind", dtype: torch.dtype = tor
            tokenizer_dir: Path | None = None, force: bool = False, verify: bool = True, ckpt: str = "") -> Path:
     """Write `model` as a transformers folder at out_dir: built under a temporary name, checked, then renamed."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to replace it")
     check_format(model.config, fmt, dtype)  # e.g. an MoE model as llama fails here, before anything is written
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name must be a Python identifier: transformers 4.x imports the folder's remote code under its name
-    # unchanged, and a "." there splits the module path (mkdtemp adds only [a-z0-9_]).
-    safe = re.sub(r"\W", "_", out_dir.name)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"_{safe}_tmp_"))
+    tmp = staging_folder(out_dir, force)
     try:
         WRITERS[fmt](model, tmp, dtype)
         write_generation_config(tmp, model.config)
         write_tokenizer(Path(tokenizer_dir or family_tokenizer_dir(model.config)), tmp, model.config)
         write_readme(tmp, fmt, ckpt)
         if verify:
-            diff, scale = compare_logits(tmp, model, fmt, dtype)
-            # Different but equivalent kernels (e.g. rotate-half RoPE, repeated kv heads) round differently in fp32;
-            # the rounding grows with the size of the logits, hence a tolerance relative to them beyond |logit| 10.
-            tolerance = 1e-5 * max(10.0, scale)
-            print(f"verified: max |logits difference| = {diff:.2e} (max |logit| {scale:.1f}, tolerance {tolerance:.1e})")
-            if not diff <= tolerance:
-                raise RuntimeError(f"the exported model's logits differ from the checkpoint's by {diff:.3g}; "
-                                   "nothing was written")
-        # mkdtemp made the folder private (0700); a published model should get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        for path in tmp.iterdir():
-            path.chmod(0o666 & ~umask)
-        if out_dir.exists():
-            # Move the old folder aside first, so a crash between the two renames never loses both copies.
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            out_dir.replace(old / "previous")
-            tmp.replace(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.replace(out_dir)
+            check_logits(*compare_logits(tmp, model, fmt, dtype))
+        publish_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
 
 
+def check_logits(diff: float, scale: float) -> None:
+    """Refuse an export whose logits differ from the checkpoint's by more than rounding explains."""
+    # Different but equivalent kernels (e.g. rotate-half RoPE, repeated kv heads) round differently in fp32;
+    # the rounding grows with the size of the logits, hence a tolerance relative to them beyond |logit| 10.
+    tolerance = 1e-5 * max(10.0, scale)
+    print(f"verified: max |logits difference| = {diff:.2e} (max |logit| {scale:.1f}, tolerance {tolerance:.1e})")
+    if not diff <= tolerance:
+        raise RuntimeError(f"the exported model's logits differ from the checkpoint's by {diff:.3g}; "
+                           "nothing was written")
+
+
+def staging_folder(out_dir: Path, force: bool) -> Path:
+    """A new temporary folder beside out_dir to build the export in (out_dir must be new or empty, or forced)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # The temp name must be a Python identifier: transformers 4.x imports the folder's remote code under its name
+    # unchanged, and a "." there splits the module path (mkdtemp adds only [a-z0-9_]).
+    safe = re.sub(r"\W", "_", out_dir.name)
+    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"_{safe}_tmp_"))
+
+
+def publish_folder(tmp: Path, out_dir: Path) -> None:
+    """Give the finished temporary folder the usual permissions and rename it to out_dir (replacing it)."""
+    # mkdtemp made the folder private (0700); a published model should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for path in tmp.iterdir():
+        path.chmod(0o666 & ~umask)
+    if out_dir.exists():
+        # Move the old folder aside first, so a crash between the two renames never loses both copies.
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        out_dir.replace(old / "previous")
+        tmp.replace(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gguf format: one file for llama.cpp / Ollama (model/gguf_export.py), in a folder with its Modelfile
+
+
+def export_gguf(model, out_dir: Path, dtype_name: str = "float32", tokenizer_dir: Path | None = None,
+                force: bool = False, verify: bool = True) -> Path:
+    """Write `model` as `out_dir/{out_dir.name}-{TYPE}.gguf` plus an Ollama Modelfile, built in a temporary folder,
+    checked by the numpy forward over the file, then renamed; returns the GGUF file's final path."""
+    from model.gguf_export import compare_with_model, gguf_arch, write_gguf_folder
+
+    out_dir = Path(out_dir)
+    gguf_arch(model.config)  # refuse before anything is written
+    tmp = staging_folder(out_dir, force)
+    try:
+        tokenizer_dir = Path(tokenizer_dir or family_tokenizer_dir(model.config))
+        name = write_gguf_folder(model, tmp, dtype_name, tokenizer_dir, out_dir.name).name
+        if verify:
+            check_logits(*compare_with_model(tmp / name, model, dtype_name))
+        publish_folder(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir / name
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Export a MiniMind .pth checkpoint as a transformers folder.")
+    parser = argparse.ArgumentParser(description="Export a MiniMind .pth checkpoint as a transformers folder or a GGUF file.")
     parser.add_argument("--ckpt", required=True, help="a .pth state dict, e.g. out/full_sft_512.pth")
     parser.add_argument("--out_dir", required=True, help="the folder to create")
-    parser.add_argument("--format", choices=tuple(WRITERS), default="minimind",
+    parser.add_argument("--format", choices=(*WRITERS, "gguf"), default="minimind",
                         help="minimind: our classes via trust_remote_code (dense and MoE); llama: native Llama (v1, "
                              "dense); qwen3: native Qwen3 / Qwen3-MoE (MiniMind-3 family); minimind3: MiniMind-3's "
-                             "published layout")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+                             "published layout; gguf: one file for llama.cpp / Ollama, with a Modelfile")
+    parser.add_argument("--dtype", choices=(*sorted(DTYPES), "q8_0"), default="float32",
+                        help="dtype of the saved weights (q8_0: --format gguf only)")
     parser.add_argument("--tokenizer_dir", default=None, help="default: the bundled tokenizer of the model's family")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists and is not empty")
     parser.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
@@ -457,6 +502,10 @@ def main(argv=None) -> int:
     try:
         ckpt = read_checkpoint(args.ckpt, model_flags(args))  # the shape comes from the file
         config = ckpt.config
+        if args.format == "gguf":
+            return gguf_main(args, ckpt)
+        if args.dtype not in DTYPES:
+            raise ValueError(f"--dtype {args.dtype} is a GGUF type: use it with --format gguf")
         check_format(config, args.format, DTYPES[args.dtype])  # refuse before building anything
         model = load_model(ckpt, device="cpu", dtype=torch.float32)
         out = export(model, Path(args.out_dir), args.format, DTYPES[args.dtype], args.tokenizer_dir,
@@ -471,6 +520,20 @@ def main(argv=None) -> int:
         return 0
     print(f'load it with AutoModelForCausalLM.from_pretrained("{out}"{remote})')
     print(f"and its tokenizer with {TOKENIZER_LOAD.format(folder=out)}")
+    return 0
+
+
+def gguf_main(args, ckpt) -> int:
+    """main's --format gguf branch: export, then say how llama.cpp and Ollama run the file."""
+    from model.gguf_export import gguf_arch
+
+    gguf_arch(ckpt.config)  # refuse before building anything
+    model = load_model(ckpt, device="cpu", dtype=torch.float32)
+    path = export_gguf(model, Path(args.out_dir), args.dtype, args.tokenizer_dir, force=args.force,
+                       verify=not args.no_verify)
+    print(f"exported {args.ckpt} ({ckpt.config.file_suffix}, gguf {gguf_arch(ckpt.config)}, {args.dtype}) to {path}")
+    print(f"chat with it in llama.cpp: llama-cli -m {path} --jinja   (--jinja: the chat template inside the file)")
+    print(f"or in Ollama: ollama create minimind -f {path.parent / 'Modelfile'} && ollama run minimind")
     return 0
 
 

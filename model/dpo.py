@@ -2,7 +2,7 @@
 
 1. trl computes log-probs with a fused LM head: it calls `model.base_model(...)` for the final hidden states and
    multiplies them by `model.get_output_embeddings().weight` in chunks, so the (B, T, vocab) logits are never built.
-   `MiniMindForCausalLM` has no separate backbone module, so `MiniMindForDPO.base_model` returns a callable that runs
+   `MiniMindForCausalLM` has no separate backbone module, so `MiniMindForTRL.base_model` returns a callable that runs
    the model and catches the output of the final norm (the hidden states the head would project).
 2. trl tokenizes `prompt + chosen` as one string and appends EOS to answers that do not end with it. Our processed
    DPO data (`data_process.py dpo`) already holds the chat-template rendering: answers end with "</s>\\n", exactly
@@ -80,8 +80,9 @@ def _takes_token_mask(model_class: type) -> bool:
     return "token_mask" in inspect.signature(model_class.forward).parameters
 
 
-class MiniMindForDPO(MiniMindForCausalLM):
-    """MiniMindForCausalLM with a `base_model` that trl's fused LM head can call. Same parameters, same state dict."""
+class MiniMindForTRL(MiniMindForCausalLM):
+    """MiniMindForCausalLM with a `base_model` that trl's fused LM head can call (DPO and GRPO use the same head).
+    Same parameters, same state dict."""
 
     # True when every batch the fused head sees is right-padded (MiniMindDPOTrainer sets it from its collator).
     right_padded_batches = False
@@ -93,9 +94,9 @@ class MiniMindForDPO(MiniMindForCausalLM):
         return _HiddenStates(self)
 
 
-def _dpo_modules(model) -> list[MiniMindForDPO]:
-    """The MiniMindForDPO inside whatever wraps it (peft, DDP, torch.compile), or [] for another model."""
-    return [] if model is None else [m for m in model.modules() if isinstance(m, MiniMindForDPO)]
+def _dpo_modules(model) -> list[MiniMindForTRL]:
+    """The MiniMindForTRL inside whatever wraps it (peft, DDP, torch.compile), or [] for another model."""
+    return [] if model is None else [m for m in model.modules() if isinstance(m, MiniMindForTRL)]
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int | None) -> dict:
@@ -225,11 +226,13 @@ _PLOT_KEYS = ("step", "loss", "lr", "val_loss")
 class DPOLogLines(TrainerCallback):
     """Rank 0: one printed line and one metrics-file line per log step (instead of the Trainer's dicts), with the
     val_loss of that step when it evaluates, and the history for the loss plot (starting from the metrics file's
-    lines, so a resumed run plots the whole run)."""
+    lines, so a resumed run plots the whole run). Other trl stages subclass it with their own `line_parts`."""
+
+    plot_keys = _PLOT_KEYS
 
     def __init__(self, metrics: MetricsFile, every_s: float):
         self.metrics, self.every_s = metrics, every_s
-        self.history = [{k: r[k] for k in _PLOT_KEYS if k in r} for r in metrics.read()] if metrics.is_master else []
+        self.history = [{k: r[k] for k in self.plot_keys if k in r} for r in metrics.read()] if metrics.is_master else []
         self.pending = None  # the line of a step whose evaluation has not reported yet
         self.max_steps = 0
         self._reset_clock()
@@ -287,7 +290,11 @@ class DPOLogLines(TrainerCallback):
         if record is None:
             return
         self.metrics.log(record)
-        self.history.append({k: record[k] for k in _PLOT_KEYS if k in record})
+        self.history.append({k: record[k] for k in self.plot_keys if k in record})
+        print(" | ".join(self.line_parts(record)), flush=True)
+
+    def line_parts(self, record: dict) -> list[str]:
+        """The printed line of one record, after the step and the loss."""
         parts = [f"step {record['step']}/{self.max_steps}", f"loss {record['loss']:.4f}"]
         if "val_loss" in record:
             parts.append(f"val_loss {record['val_loss']:.4f}")
@@ -299,4 +306,4 @@ class DPOLogLines(TrainerCallback):
         parts.append(f"lr {record.get('lr', 0.0):.2e}")
         if "tokens_per_s" in record:
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
-        print(" | ".join(parts), flush=True)
+        return parts

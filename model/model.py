@@ -476,7 +476,9 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["TransformerBlock"]
     _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
     _supports_sdpa = True
-    supports_gradient_checkpointing = False
+    # Activation checkpointing (transformers' gradient_checkpointing_enable, trl's --gradient_checkpointing): each
+    # block's activations are recomputed in the backward pass instead of kept, for long RL rollouts on small GPUs.
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: LMConfig):
         super().__init__(config)
@@ -486,6 +488,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable()
         self.post_init()
 
     def _init_weights(self, module):
@@ -570,8 +573,12 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         """(logits at the kept positions, the MoE balance loss summed over layers or None)."""
         h = _dropout(self.dropout, h)
         aux_total = None
+        recompute = self.gradient_checkpointing and self.training and cache is None
         for layer in self.layers:
-            h, aux = layer(h, rope, mask, cache, real)
+            if recompute:
+                h, aux = self._gradient_checkpointing_func(layer.__call__, h, rope, mask, cache, real)
+            else:
+                h, aux = layer(h, rope, mask, cache, real)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         h = self.norm(h)

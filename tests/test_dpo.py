@@ -13,7 +13,7 @@ from conftest import tiny_config
 from trl import DPOConfig, DPOTrainer
 
 from model.checkpoint import load_tokenizer
-from model.dpo import MiniMindDPOTrainer, MiniMindForDPO, records_to_dataset, sequence_logps, tokenize_pair
+from model.dpo import MiniMindDPOTrainer, MiniMindForTRL, records_to_dataset, sequence_logps, tokenize_pair
 from model.lora import lora_config
 from model.model import MiniMindForCausalLM
 
@@ -40,7 +40,7 @@ def records(tok):
 
 def make_trainer(tmp_path, tok, use_lora, steps=6, lr=5e-3, **config):
     torch.manual_seed(0)
-    policy = MiniMindForDPO(tiny_config(vocab_size=6400, max_seq_len=64, **config))
+    policy = MiniMindForTRL(tiny_config(vocab_size=6400, max_seq_len=64, **config))
     ref = None if use_lora else copy.deepcopy(policy).eval().requires_grad_(False)
     args = DPOConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, learning_rate=lr,
                      max_steps=steps, beta=0.1, max_length=64, logging_steps=1, save_strategy="no",
@@ -83,7 +83,7 @@ def test_dpo_starts_at_ln2_and_raises_the_margin(tmp_path, tok, use_lora):
     trainer = make_trainer(tmp_path, tok, use_lora)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(QA))])
 
-    # trl's fused log-probs agree with the plain computation (checks the MiniMindForDPO backbone adapter)
+    # trl's fused log-probs agree with the plain computation (checks the MiniMindForTRL backbone adapter)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
         fused = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
@@ -147,7 +147,7 @@ def test_right_padded_batches_go_in_as_token_mask(tmp_path, tok, moe, monkeypatc
         calls.append({k: v for k, v in kwargs.items() if k in ("attention_mask", "token_mask")})
         return MiniMindForCausalLM.forward(self, **kwargs)
 
-    monkeypatch.setattr(MiniMindForDPO, "forward", spy)
+    monkeypatch.setattr(MiniMindForTRL, "forward", spy)
     batch = uneven_batch(trainer)
     trainer.model.eval()
     with torch.no_grad():
