@@ -196,3 +196,21 @@ def test_torchrun_two_processes(work):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     assert (out / "grpo_64.pth").is_file()
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_moe):
+    from conftest import tiny_model
+
+    ids = torch.randint(0, 256, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(use_moe=use_moe).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(input_ids=ids, labels=ids)
+        (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

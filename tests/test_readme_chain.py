@@ -6,6 +6,8 @@ the checkout stays clean. The quick start runs with fewer steps (QUICKSTART_STEP
 """
 
 import contextlib
+import json
+import math
 import os
 import re
 import shutil
@@ -90,7 +92,13 @@ def test_quickstart_then_readme_commands_as_printed(tmp_path):
     for command in commands:
         log = shell(command, repo, env)
         assert "Traceback" not in log, log[-3000:]
-    for name in ("full_sft_128", "lora_sft_128", "rl_128"):
+    for name in ("full_sft_128", "lora_sft_128", "rl_128", "grpo_128"):
         assert (repo / "out" / f"{name}.pth").exists() and (repo / "out" / f"{name}.json").exists()
+    # report.py put the quick start's checkpoints side by side, each with a finite held-out bits/char
+    report = json.loads((repo / "out" / "report" / "report.json").read_text(encoding="utf-8"))
+    rows = report["checkpoints"]
+    assert [r["stage"] for r in rows] == ["pretrain", "full_sft", "rl", "grpo"]
+    assert all(math.isfinite(r["bits_per_char"]) for r in rows)
+    assert (repo / "out" / "report" / "report.png").exists()
     assert (repo / "out" / "MiniMind-128" / "config.json").exists()
     serve_and_chat(serve, repo, env)
