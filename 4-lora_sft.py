@@ -21,7 +21,7 @@ from pathlib import Path
 from model.checkpoint import load_model, read_stage_input
 from model.errors import UsageError, exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
-from model.lora import DEFAULT_TARGETS, adapter_state_dict, add_lora, merged_state_dict, save_adapter
+from model.lora import adapter_state_dict, add_lora, add_lora_args, merged_state_dict, save_adapter
 from model.packing import add_packing_arg, load_sft_data
 from model.train_utils import add_train_args, compute_cleanup, compute_init, print0, train
 
@@ -32,11 +32,7 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default=None, help="base weights (default: the newest {out_dir}/full_sft_<dim>.pth)")
-    parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument("--lora_alpha", type=float, default=16, help="scale = alpha / rank")
-    parser.add_argument("--lora_dropout", type=float, default=0.0)
-    parser.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS),
-                        help="module names to adapt (never tok_embeddings/output)")
+    add_lora_args(parser)
     parser.add_argument("--merge", action="store_true", help="also save the merged model as a v1 .pth")
     add_packing_arg(parser)
     add_model_args(parser)

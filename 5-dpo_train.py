@@ -46,7 +46,7 @@ from model.dpo import (
 )
 from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
-from model.lora import DEFAULT_TARGETS, lora_config
+from model.lora import add_lora_args, lora_config
 from model.run_metrics import MetricsFile
 from model.train_utils import (
     LOG_EVERY_S,
@@ -65,11 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     parser.add_argument("--max_length", type=int, default=None,
                         help="prompt + answer tokens (default: --max_seq_len); long prompts keep their end")
-    parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
-    parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument("--lora_alpha", type=float, default=16)
-    parser.add_argument("--lora_dropout", type=float, default=0.0)
-    parser.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS))
+    add_lora_args(parser, with_switch=True)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one of the model's family)")
     add_model_args(parser)
     # DPO moves a fine-tuned model a little: a small LR, small batches of (chosen, rejected) pairs.

@@ -40,7 +40,7 @@ from model.grpo import (
     split_records,
 )
 from model.LMConfig import add_model_args, model_flags
-from model.lora import DEFAULT_TARGETS, lora_config
+from model.lora import add_lora_args, lora_config
 from model.rewards import build_rewards
 from model.run_metrics import MetricsFile
 from model.train_utils import LOG_EVERY_S, add_train_args, log_interval_note, resolve_log_interval
@@ -78,11 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--use_vllm", action="store_true", help="trl's vLLM rollouts (GPU, vllm installed)")
     parser.add_argument("--vllm_mode", choices=["colocate", "server"], default="colocate")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
-    parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
-    parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument("--lora_alpha", type=float, default=16)
-    parser.add_argument("--lora_dropout", type=float, default=0.0)
-    parser.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS))
+    add_lora_args(parser, with_switch=True)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one of the model's family)")
     add_model_args(parser)
     add_train_args(parser, data_path=str(ROOT / "dataset" / "grpo_arithmetic.jsonl"), learning_rate=1e-6,

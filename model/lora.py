@@ -20,6 +20,18 @@ DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 FORBIDDEN_TARGETS = ("tok_embeddings", "output")
 
 
+def add_lora_args(parser, with_switch: bool = False) -> None:
+    """The LoRA flags every stage that trains adapters shares (with_switch: also --use_lora, for stages where
+    adapters are an option)."""
+    if with_switch:
+        parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
+    parser.add_argument("--lora_rank", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=float, default=16, help="scale = alpha / rank")
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS),
+                        help="module names to adapt (never tok_embeddings/output)")
+
+
 def lora_config(rank: int = 8, alpha: float = 16, dropout: float = 0.0, targets=DEFAULT_TARGETS) -> LoraConfig:
     targets = list(targets)
     bad = [t for t in targets if t in FORBIDDEN_TARGETS]

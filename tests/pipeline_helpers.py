@@ -57,3 +57,27 @@ def write_token_file(path: Path, docs: list[list[int]]) -> Path:
         w.append("doc_offsets", np.concatenate([[0], np.cumsum([len(d) for d in docs])]))
         w.close()
     return path
+
+
+def script_main(filename: str, module_name: str | None = None):
+    """The `main` of a numbered script at the repository root (their names are not importable as modules)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    name = module_name or filename.removesuffix(".py").replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, root / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def sft_like_batch(answer_tokens, seed: int = 0, T: int = 16) -> dict:
+    """Random rows whose labels are -100 except each row's last answer_tokens[i] positions (an SFT batch's shape)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 256, (len(answer_tokens), T), generator=g)
+    labels = torch.full_like(input_ids, -100)
+    for row, n in enumerate(answer_tokens):
+        labels[row, T - n:] = input_ids[row, T - n:]
+    return {"input_ids": input_ids, "labels": labels}

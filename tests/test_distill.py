@@ -8,7 +8,6 @@ import argparse
 import importlib.util
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_config, tiny_model
-from pipeline_helpers import write_token_file
+from pipeline_helpers import sft_like_batch, write_token_file
+from server_helpers import free_port
 
 import data_process
 from model import distill
@@ -42,12 +42,7 @@ def one_thread():
 
 def sft_batch(seed: int = 0, T: int = 16) -> dict:
     """4 SFT-like rows: labels -100 except each row's last ANSWER_TOKENS[i] positions."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, 256, (len(ANSWER_TOKENS), T), generator=g)
-    labels = torch.full_like(input_ids, -100)
-    for row, n in enumerate(ANSWER_TOKENS):
-        labels[row, T - n:] = input_ids[row, T - n:]
-    return {"input_ids": input_ids, "labels": labels}
+    return sft_like_batch(ANSWER_TOKENS, seed, T)
 
 
 def pair(**student_overrides):
@@ -225,12 +220,6 @@ def test_distilled_student_is_closer_to_its_teacher(tmp_path, capsys):
     # --resume continues from the resume file (the student's state alone) to the new end.
     script_main()([*common, "--init", str(student_path), "--max_steps", "42", "--resume"])
     assert "resumed from" in capsys.readouterr().out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_ranks_distil_sft_data(tmp_path):

@@ -4,13 +4,13 @@ step (trl's DPO metrics, throughput, the MoE balance loss), kept consistent acro
 The script runs through its `main(argv)` on the bundled DPO sample, from a tiny random init checkpoint.
 """
 
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
 from conftest import ROOT, tiny_config
+from pipeline_helpers import script_main
 
 import data_process
 from model.checkpoint import save_weights
@@ -22,10 +22,7 @@ DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/ac
 
 
 def dpo_main():
-    spec = importlib.util.spec_from_file_location("dpo_train_metrics", ROOT / "5-dpo_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_main("5-dpo_train.py", "dpo_train_metrics")
 
 
 @pytest.fixture(scope="module")

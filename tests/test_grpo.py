@@ -1,7 +1,6 @@
 """6-grpo_train.py and model/grpo.py: data, rollouts on our engine, tool-use episodes, trl's GRPO loop on tiny
 models (KL at step 0, the MoE balance loss, a reward model, LoRA, torchrun)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, tiny_config
+from pipeline_helpers import script_main
 
 from model.arithmetic import make_problems, write_jsonl_atomic
 from model.checkpoint import TOKENIZER3_DIR, load_tokenizer, read_checkpoint, save_weights
@@ -21,10 +21,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def grpo_main():
-    spec = importlib.util.spec_from_file_location("grpo_train", ROOT / "6-grpo_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_main("6-grpo_train.py", "grpo_train")
 
 
 @pytest.fixture(scope="module")

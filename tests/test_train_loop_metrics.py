@@ -5,7 +5,6 @@ tokens, the held-out loss is what it says, and the metrics file and val losses s
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_model
+from pipeline_helpers import sft_like_batch
+from server_helpers import free_port
 from test_train_utils import Crash, fresh_model, make_args
 
 from model.checkpoint import load_model
@@ -39,12 +40,7 @@ T = 16
 
 def sft_batch(seed: int = 0) -> dict:
     """8 SFT-like rows: labels -100 except each row's last ANSWER_TOKENS[i] positions."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, 256, (len(ANSWER_TOKENS), T), generator=g)
-    labels = torch.full_like(input_ids, -100)
-    for row, n in enumerate(ANSWER_TOKENS):
-        labels[row, T - n:] = input_ids[row, T - n:]
-    return {"input_ids": input_ids, "labels": labels}
+    return sft_like_batch(ANSWER_TOKENS, seed, T)
 
 
 def split(batch: dict, parts: int) -> list[dict]:
@@ -161,12 +157,6 @@ DDP_LAUNCHER = textwrap.dedent("""
 
 
 VAL_SPLITS = [[0, 3, 6], [5]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_give_the_single_process_step_and_val_loss(tmp_path):
