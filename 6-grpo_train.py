@@ -37,6 +37,7 @@ from model.grpo import (
     ToolRollout,
     load_grpo_records,
     records_to_dataset,
+    save_reward_plot,
     split_records,
 )
 from model.LMConfig import add_model_args, model_flags
@@ -160,13 +161,15 @@ def main(argv=None):
     trainer = MiniMindGRPOTrainer(model=policy, ref_model=ref_model, reward_funcs=funcs, args=grpo_args,
                                   train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
                                   rollout_func=make_rollout(args, tokenizer), val_dataset=val_set,
-                                  accuracy_every=args.eval_interval or max(1, grpo_args.max_steps // 10))
+                                  accuracy_every=args.eval_interval or max(1, grpo_steps(args, len(train_set)) // 10))
     resume_step = last_checkpoint_step(grpo_args.output_dir) if args.resume else None
     metrics = MetricsFile(out_dir / f"grpo_{suffix}_metrics.jsonl", resume_step=resume_step, is_master=is_master())
     log = GRPOLogLines(metrics, LOG_EVERY_S)
     quiet(trainer, log)
     if is_master():
         start = trainer.accuracy_now()
+        if resume_step is None:
+            log.log_start(start)
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         print(f"GRPO ({args.loss_type}) on {len(train_set):,} prompts (+{len(val_records):,} held out) from "
               f"{ckpt.path}: {args.num_generations} replies each, rewards {' '.join(args.rewards or DEFAULT_REWARDS[args.task])}, "
@@ -174,7 +177,8 @@ def main(argv=None):
               f"{grpo_args.world_size}, {log_interval_note(grpo_args.logging_steps)}"
               + (f"; held-out accuracy at the start {start:.3f}" if start is not None else ""), flush=True)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
-    save_results(trainer, config, out_dir, "grpo", args.use_lora, log, metrics, args.images_dir, f"GRPO grpo_{suffix}")
+    save_results(trainer, config, out_dir, "grpo", args.use_lora, log, metrics, args.images_dir, f"GRPO grpo_{suffix}",
+                 plot=save_reward_plot)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -341,10 +342,46 @@ class MiniMindGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
 
+def save_reward_plot(history: list[dict], path, title: str = "GRPO"):
+    """The GRPO curve as a PNG: the mean reward per logged step and the held-out accuracy where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = [(h["step"], h["reward"]) for h in history if h.get("reward") is not None]
+    accuracy = [(h["step"], h["val_accuracy"]) for h in history if h.get("val_accuracy") is not None]
+    if not rewards and not accuracy:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    if rewards:
+        ax.plot(*zip(*rewards), label=f"reward (last {rewards[-1][1]:.3f})")
+    if accuracy:
+        ax.plot(*zip(*accuracy), linestyle="--", marker="s", label=f"held-out accuracy (last {accuracy[-1][1]:.3f})")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 class GRPOLogLines(DPOLogLines):
     """The GRPO line: reward (total and per function), KL, completion length, clip ratio, held-out accuracy."""
 
     plot_keys = ("step", "loss", "lr", "reward", "val_accuracy")
+
+    def log_start(self, accuracy: float | None) -> None:
+        """Step 0's line: the held-out accuracy of the starting policy (the before of before/after)."""
+        if accuracy is not None and self.metrics.is_master:
+            self.metrics.log({"step": 0, "val_accuracy": accuracy})
+            self.history.append({"step": 0, "val_accuracy": accuracy})
 
     def line_parts(self, record: dict) -> list[str]:
         parts = [f"step {record['step']}/{self.max_steps}", f"reward {record.get('reward', 0.0):.3f}"]

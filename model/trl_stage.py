@@ -68,7 +68,7 @@ def quiet(trainer, log_callback) -> None:
 
 
 def save_results(trainer, config, out_dir: Path, stage: str, use_lora: bool, log, metrics, images_dir: str,
-                 title: str) -> None:
+                 title: str, plot=save_loss_plot) -> None:
     """Rank 0 writes {stage}_{suffix}.pth (a plain v1 state dict; LoRA merged, its adapter beside it), the loss
     plot and lists the outputs; every rank waits for it."""
     if trainer.is_world_process_zero():
@@ -81,7 +81,7 @@ def save_results(trainer, config, out_dir: Path, stage: str, use_lora: bool, log
         else:
             state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
         path = save_weights(state, out_dir / f"{stage}_{suffix}.pth", config)
-        plot = save_loss_plot(log.history, Path(images_dir) / f"{stage}_{suffix}_loss.png", title=title)
+        figure = plot(log.history, Path(images_dir) / f"{stage}_{suffix}_loss.png", title=title)
         print_outputs({"weights": path, "adapter (peft)": lora_dir, "resume state": Path(trainer.args.output_dir),
-                       "loss plot": plot, "metrics": metrics.path})
+                       "loss plot": figure, "metrics": metrics.path})
     trainer.accelerator.wait_for_everyone()
