@@ -213,3 +213,20 @@ def test_activation_checkpointing_gives_the_same_gradients(use_moe):
     assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tool_task_runs_through_the_trainer_on_a_minimind3_model(work):
+    from model.arithmetic import write_sets
+
+    write_sets(work / "tools.jsonl", work / "tools_sft.jsonl", 8, seed=0, max_value=9, task="tools")
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=6400, max_seq_len=1024, qk_norm=True, rope_layout="half")
+    save_weights(MiniMindForCausalLM(config).state_dict(), work / "init_m3.pth", config)
+    argv = ["--init", work / "init_m3.pth", "--data_path", work / "tools.jsonl", "--out_dir", work / "out_tools",
+            "--images_dir", work / "images", "--device", "cpu", "--batch_size", "4", "--num_generations", "4",
+            "--max_completion_length", "24", "--max_steps", "1", "--val_fraction", "0", "--task", "tools",
+            "--max_tool_turns", "2"]
+    grpo_main()([str(a) for a in argv])
+    line = json.loads((work / "out_tools" / "grpo_64_metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert {"rewards/tool/mean", "rewards/format/mean", "rewards/length/mean"} <= set(line)
+    assert (work / "out_tools" / "grpo_64.pth").is_file()
