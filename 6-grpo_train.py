@@ -23,6 +23,7 @@ clip ratio, val_accuracy on --val_fraction of the prompts), and trainer checkpoi
 import argparse
 import copy
 import math
+import os
 from pathlib import Path
 
 from trl import GRPOConfig
@@ -138,6 +139,8 @@ def make_rollout(args, tokenizer):
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
+    # trl marks rollout_func experimental on every run; requirements.txt pins the trl range it was tested with.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     device = args.device or default_device()
     args.dtype = args.dtype or default_dtype_name(device)
     out_dir = Path(args.out_dir)
