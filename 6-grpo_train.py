@@ -178,7 +178,7 @@ def main(argv=None):
               f"{ckpt.path}: {args.num_generations} replies each, rewards {' '.join(args.rewards or DEFAULT_REWARDS[args.task])}, "
               f"beta {args.beta}, {n_train / 1e6:.2f}M trainable params, device {device}, world size "
               f"{grpo_args.world_size}, {log_interval_note(grpo_args.logging_steps)}"
-              + (f"; held-out accuracy at the start {start:.3f}" if start is not None else ""), flush=True)
+              + "".join(f"; {k} at the start {v:.3f}" for k, v in start.items()), flush=True)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     save_results(trainer, config, out_dir, "grpo", args.use_lora, log, metrics, args.images_dir, f"GRPO grpo_{suffix}",
                  plot=save_reward_plot)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from model.arithmetic import write_sets
+from model.arithmetic import KINDS, write_sets
 from model.checkpoint import TOKENIZER_DIR
 from model.dataset import (
     BLANK,
@@ -415,6 +415,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", choices=["math", "tools"], default="math")
     p.add_argument("--n", type=int, default=2000, help="problems in each file")
     p.add_argument("--max_value", type=int, default=20, help="largest operand of sums and differences")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS), help="which operations")
+    p.add_argument("--word_share", type=float, default=0.5, help="share of word problems")
     p.add_argument("--thinking", action="store_true", help="SFT replies put the working in reasoning_content")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="GRPO prompts (default dataset/grpo_arithmetic.jsonl)")
@@ -426,7 +428,8 @@ def write_arithmetic(args) -> int:
     stem = "tools" if args.task == "tools" else "arithmetic"
     grpo = Path(args.output or ROOT / "dataset" / f"grpo_{stem}.jsonl")
     sft = Path(args.sft_output or ROOT / "dataset" / f"sft_{stem}.jsonl")
-    n_rl, n_sft = write_sets(grpo, sft, args.n, args.seed, args.max_value, args.task, args.thinking)
+    n_rl, n_sft = write_sets(grpo, sft, args.n, args.seed, args.max_value, args.task, args.thinking, args.kinds,
+                             args.word_share)
     print(f"wrote {grpo} ({n_rl:,} GRPO prompts with answers) and {sft} ({n_sft:,} SFT dialogues)")
     return 0
 

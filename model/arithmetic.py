@@ -59,10 +59,13 @@ def _result(kind: str, a: int, b: int) -> int:
     return {"add": a + b, "sub": a - b, "mul": a * b}[kind]
 
 
-def make_problem(rng: random.Random, max_value: int = 20, word_share: float = 0.5) -> dict:
-    """One problem: {"prompt", "answer", "working", "kind"}."""
-    words = rng.random() < word_share
-    kind = rng.choice(list(WORDS if words else BARE))
+KINDS = tuple(WORDS)
+
+
+def make_problem(rng: random.Random, max_value: int = 20, word_share: float = 0.5, kinds=KINDS) -> dict:
+    """One problem of one of `kinds` (add, sub, mul, div): {"prompt", "answer", "working", "kind"}."""
+    words = rng.random() < word_share or not any(k in BARE for k in kinds)
+    kind = rng.choice([k for k in (WORDS if words else BARE) if k in kinds])
     a, b = _operands(kind, rng, max_value)
     template = rng.choice((WORDS if words else BARE)[kind])
     item, unit = rng.choice(ITEMS)
@@ -72,13 +75,17 @@ def make_problem(rng: random.Random, max_value: int = 20, word_share: float = 0.
             "kind": f"word_{kind}" if words else kind}
 
 
-def make_problems(n: int, seed: int = 0, max_value: int = 20, word_share: float = 0.5) -> list[dict]:
-    """n problems, the same for the same arguments, with no prompt repeated (so a held-out split is unseen)."""
+def make_problems(n: int, seed: int = 0, max_value: int = 20, word_share: float = 0.5, kinds=KINDS) -> list[dict]:
+    """n problems (fewer when the space is smaller), the same for the same arguments, with no prompt repeated (so
+    a held-out split is unseen)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"unknown problem kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(n * 50):
         if len(out) == n:
             break
-        p = make_problem(rng, max_value, word_share)
+        p = make_problem(rng, max_value, word_share, kinds)
         if p["prompt"] not in seen:
             seen.add(p["prompt"])
             out.append(p)
@@ -118,7 +125,7 @@ def write_jsonl_atomic(path, records) -> None:
 
 
 def write_sets(grpo_path, sft_path, n: int, seed: int, max_value: int, task: str = "math",
-               thinking: bool = False) -> tuple[int, int]:
+               thinking: bool = False, kinds=KINDS, word_share: float = 0.5) -> tuple[int, int]:
     """The GRPO prompts and the SFT dialogues for the same kind of problems, from disjoint seeds (so the SFT cold
     start does not see the RL prompts' exact questions). Returns the two record counts."""
     if task == "tools":
@@ -126,9 +133,10 @@ def write_sets(grpo_path, sft_path, n: int, seed: int, max_value: int, task: str
         rl = [{k: v for k, v in tool_problem(rng_rl).items() if k != "calls"} for _ in range(n)]
         sft = [tool_sft_record(tool_problem(rng_sft)) for _ in range(n)]
     else:
-        rl = [{k: p[k] for k in ("prompt", "answer", "kind")} for p in make_problems(n, seed, max_value)]
+        rl = [{k: p[k] for k in ("prompt", "answer", "kind")} for p in make_problems(n, seed, max_value, word_share, kinds)]
         rl_prompts = {r["prompt"] for r in rl}
-        sft_problems = [p for p in make_problems(2 * n, seed + 1, max_value) if p["prompt"] not in rl_prompts][:n]
+        sft_problems = [p for p in make_problems(2 * n, seed + 1, max_value, word_share, kinds)
+                        if p["prompt"] not in rl_prompts][:n]
         sft = [sft_record(p, thinking) for p in sft_problems]
     write_jsonl_atomic(grpo_path, rl)
     write_jsonl_atomic(sft_path, sft)

@@ -13,7 +13,8 @@
    (trl's ``env_mask``); the episode's record goes to the rewards as ``episode`` and ``final_reply``.
 4. `MiniMindGRPOTrainer`: the reference model is ours (trl would rebuild it from a hub path we do not have), the
    MoE balance loss joins the GRPO loss (as in model/dpo.py), and the held-out accuracy is logged as
-   ``val_accuracy`` at the start, every ``eval_steps`` and at the end (greedy replies, the math rule).
+   ``val_accuracy`` (greedy replies) and ``val_accuracy_sampled`` (num_generations sampled replies per prompt,
+   the same seeds each time) at the start, every ``eval_steps`` and at the end, by the math rule.
 """
 
 from __future__ import annotations
@@ -122,19 +123,23 @@ class EngineRollout:
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
-    def params(self, index: int, max_new: int, greedy: bool) -> SamplingParams:
-        """Sampling settings of one completion; its seed comes from the run's seed, the call count and its index,
+    def params(self, index: int, max_new: int, greedy: bool, call: int) -> SamplingParams:
+        """Sampling settings of one completion; its seed comes from the run's seed, the call number and its index,
         so a run repeats exactly."""
         if greedy:
             return SamplingParams(max_new_tokens=max_new, temperature=0)
-        return SamplingParams(max_new_tokens=max_new, seed=self.seed * 1_000_003 + self.calls * 4099 + index,
+        return SamplingParams(max_new_tokens=max_new, seed=self.seed * 1_000_003 + call * 4099 + index,
                               **self.sampling)
 
     def generate(self, model, prompt_ids: list[list[int]], max_new: Sequence[int] | None = None,
-                 greedy: bool = False) -> list[list[int]]:
-        """One completion per prompt, all through one engine (one batch)."""
-        self.calls += 1
-        params = [self.params(i, max_new[i] if max_new else self.max_new, greedy) for i in range(len(prompt_ids))]
+                 greedy: bool = False, call: int | None = None) -> list[list[int]]:
+        """One completion per prompt, all through one engine (one batch). call: a fixed call number (the same
+        seeds every time, for evaluation); by default each call draws new ones."""
+        if call is None:
+            self.calls += 1
+            call = self.calls
+        params = [self.params(i, max_new[i] if max_new else self.max_new, greedy, call)
+                  for i in range(len(prompt_ids))]
         was_training = model.training
         model.eval()
         try:
@@ -271,16 +276,30 @@ def _rows_for_prompts(trainer, prompts: list[str]) -> list[dict]:
     return [index[p] for p in prompts]
 
 
-def held_out_accuracy(model, rollout: EngineRollout, dataset: Dataset | None, limit: int = 256) -> float | None:
-    """Share of held-out prompts whose greedy reply is correct by the math rule (None without a split)."""
+EVAL_CALL = -1  # the call number of held-out sampling: the same seeds at every evaluation, so they compare
+
+
+def held_out_accuracy(model, rollout: EngineRollout, dataset: Dataset | None, samples: int = 0,
+                      limit: int = 256) -> dict:
+    """The held-out prompts scored by the math rule: "val_accuracy", the share whose greedy reply is right, and
+    with samples > 0 "val_accuracy_sampled", the mean over `samples` sampled replies per prompt (the quantity GRPO
+    optimises; the same seeds at every evaluation). {} without a split."""
     if dataset is None or len(dataset) == 0:
-        return None
+        return {}
     rows = dataset.select(range(min(limit, len(dataset))))
     prompts, answers = rows["prompt"], rows["answer"]
-    outs = rollout.generate(model, rollout.encode(prompts), greedy=True)
-    tok = rollout.tokenizer
-    right = [answer_is_correct(final_answer(p, reply_text(tok, o))[0], a) for p, o, a in zip(prompts, outs, answers)]
-    return sum(right) / len(right)
+    ids, tok = rollout.encode(prompts), rollout.tokenizer
+
+    def share_right(outs, k):
+        right = [answer_is_correct(final_answer(prompts[i // k], reply_text(tok, o))[0], answers[i // k])
+                 for i, o in enumerate(outs)]
+        return sum(right) / len(right)
+
+    scores = {"val_accuracy": share_right(rollout.generate(model, ids, greedy=True), 1)}
+    if samples > 0:
+        repeated = [x for x in ids for _ in range(samples)]
+        scores["val_accuracy_sampled"] = share_right(rollout.generate(model, repeated, call=EVAL_CALL), samples)
+    return scores
 
 
 class MiniMindGRPOTrainer(GRPOTrainer):
@@ -302,7 +321,9 @@ class MiniMindGRPOTrainer(GRPOTrainer):
         policies = _dpo_modules(self.model)
         self._policy_module = policies[0] if policies else None
         self.val_dataset, self.accuracy_every = val_dataset, accuracy_every
-        self.accuracy_rollout = EngineRollout(self.processing_class, self.args.max_completion_length)
+        self.accuracy_rollout = EngineRollout(self.processing_class, self.args.max_completion_length,
+                                              temperature=self.args.temperature, top_p=self.args.top_p,
+                                              top_k=self.args.top_k or 0, seed=self.args.seed)
 
     def _set_reference(self, ref_model):
         if self.args.disable_dropout:
@@ -331,14 +352,14 @@ class MiniMindGRPOTrainer(GRPOTrainer):
             loss = loss + aux
         return loss
 
-    def accuracy_now(self) -> float | None:
-        return held_out_accuracy(_policy(self), self.accuracy_rollout, self.val_dataset)
+    def accuracy_now(self) -> dict:
+        return held_out_accuracy(_policy(self), self.accuracy_rollout, self.val_dataset, self.args.num_generations)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         step, last = self.state.global_step, self.state.global_step >= self.state.max_steps
         due = self.accuracy_every > 0 and step % self.accuracy_every == 0
         if self.model.training and "loss" in logs and (due or last) and self.val_dataset is not None:
-            logs["val_accuracy"] = self.accuracy_now()
+            logs.update(self.accuracy_now())
         super().log(logs, start_time)
 
 
@@ -350,14 +371,16 @@ def save_reward_plot(history: list[dict], path, title: str = "GRPO"):
     import matplotlib.pyplot as plt
 
     rewards = [(h["step"], h["reward"]) for h in history if h.get("reward") is not None]
-    accuracy = [(h["step"], h["val_accuracy"]) for h in history if h.get("val_accuracy") is not None]
-    if not rewards and not accuracy:
+    curves = {key: [(h["step"], h[key]) for h in history if h.get(key) is not None]
+              for key in ("val_accuracy", "val_accuracy_sampled")}
+    if not rewards and not any(curves.values()):
         return None
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     if rewards:
         ax.plot(*zip(*rewards), label=f"reward (last {rewards[-1][1]:.3f})")
-    if accuracy:
-        ax.plot(*zip(*accuracy), linestyle="--", marker="s", label=f"held-out accuracy (last {accuracy[-1][1]:.3f})")
+    for points, label in zip(curves.values(), ("held-out accuracy, greedy", "held-out accuracy, sampled")):
+        if points:
+            ax.plot(*zip(*points), linestyle="--", marker="s", label=f"{label} (last {points[-1][1]:.3f})")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.set_title(title, loc="left")
@@ -375,20 +398,21 @@ def save_reward_plot(history: list[dict], path, title: str = "GRPO"):
 class GRPOLogLines(DPOLogLines):
     """The GRPO line: reward (total and per function), KL, completion length, clip ratio, held-out accuracy."""
 
-    plot_keys = ("step", "loss", "lr", "reward", "val_accuracy")
+    plot_keys = ("step", "loss", "lr", "reward", "val_accuracy", "val_accuracy_sampled")
 
-    def log_start(self, accuracy: float | None) -> None:
+    def log_start(self, accuracy: dict) -> None:
         """Step 0's line: the held-out accuracy of the starting policy (the before of before/after)."""
-        if accuracy is not None and self.metrics.is_master:
-            self.metrics.log({"step": 0, "val_accuracy": accuracy})
-            self.history.append({"step": 0, "val_accuracy": accuracy})
+        if accuracy and self.metrics.is_master:
+            self.metrics.log({"step": 0, **accuracy})
+            self.history.append({"step": 0, **accuracy})
 
     def line_parts(self, record: dict) -> list[str]:
         parts = [f"step {record['step']}/{self.max_steps}", f"reward {record.get('reward', 0.0):.3f}"]
         parts += [f"{k.split('/')[1]} {v:.3f}" for k, v in record.items()
                   if k.startswith("rewards/") and k.endswith("/mean")]
         for key, label in (("kl", "kl"), ("completions/mean_length", "len"), ("completions/clipped_ratio", "clipped"),
-                           ("aux_loss", "aux"), ("val_accuracy", "val_acc")):
+                           ("aux_loss", "aux"), ("val_accuracy", "val_acc"),
+                           ("val_accuracy_sampled", "val_acc_sampled")):
             if record.get(key) is not None:
                 parts.append(f"{label} {record[key]:.3f}")
         parts.append(f"lr {record.get('lr', 0.0):.2e}")
