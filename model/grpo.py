@@ -410,7 +410,9 @@ class GRPOLogLines(DPOLogLines):
         parts = [f"step {record['step']}/{self.max_steps}", f"reward {record.get('reward', 0.0):.3f}"]
         parts += [f"{k.split('/')[1]} {v:.3f}" for k, v in record.items()
                   if k.startswith("rewards/") and k.endswith("/mean")]
-        for key, label in (("kl", "kl"), ("completions/mean_length", "len"), ("completions/clipped_ratio", "clipped"),
+        # trl's two "clipped" figures: replies cut at the length limit, and tokens whose ratio the loss clipped
+        for key, label in (("kl", "kl"), ("completions/mean_length", "len"), ("completions/clipped_ratio", "cut"),
+                           ("clip_ratio/region_mean", "clip"),
                            ("aux_loss", "aux"), ("val_accuracy", "val_acc"),
                            ("val_accuracy_sampled", "val_acc_sampled")):
             if record.get(key) is not None:
