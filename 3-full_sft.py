@@ -18,7 +18,7 @@ into windows of --max_seq_len, attending only within themselves, so no compute g
 import argparse
 from pathlib import Path
 
-from model.checkpoint import load_model, read_stage_input
+from model.checkpoint import load_model, load_tokenizer, read_stage_input
 from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
 from model.packing import add_packing_arg, load_sft_data
@@ -51,7 +51,9 @@ def main(argv=None):
     dataset, data_line = load_sft_data(args.data_path, config.max_seq_len, packed=not args.no_packing)
     print0(data_line)
 
-    train(args, rt, model, dataset, weights_name=f"full_sft_{config.file_suffix}")
+    # The family's tokenizer (the one data_process.py sft used for it) turns the loss into bits per character.
+    train(args, rt, model, dataset, weights_name=f"full_sft_{config.file_suffix}",
+          tokenizer=load_tokenizer(config=config))
     compute_cleanup()
 
 

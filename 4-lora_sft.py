@@ -18,7 +18,7 @@ Writes, under --out_dir:
 import argparse
 from pathlib import Path
 
-from model.checkpoint import load_model, read_stage_input
+from model.checkpoint import load_model, load_tokenizer, read_stage_input
 from model.errors import UsageError, exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
 from model.lora import adapter_state_dict, add_lora, add_lora_args, merged_state_dict, save_adapter
@@ -63,7 +63,8 @@ def main(argv=None):
         return merged_state_dict(peft_model) if args.merge else adapter_state_dict(peft_model)
 
     train(args, rt, model, dataset, weights_name=name if args.merge else f"{name}_adapter",
-          save_state_dict_fn=weights, run_name=name, outputs={"adapter (peft)": adapter_dir})
+          save_state_dict_fn=weights, run_name=name, outputs={"adapter (peft)": adapter_dir},
+          tokenizer=load_tokenizer(config=config))
     compute_cleanup()
 
 

@@ -97,6 +97,11 @@ def grpo_steps(args, n_prompts: int) -> int:
     return args.epochs * math.ceil(n_prompts / max(1, prompts_per_step)) * args.num_iterations
 
 
+def accuracy_interval(total_steps: int) -> int:
+    """--eval_interval 0: about 10 held-out evaluations per run (besides the start); a short run only at its end."""
+    return total_steps if total_steps < 20 else total_steps // 10
+
+
 def check_args(args, config, tokenizer) -> None:
     if (args.batch_size * args.accumulation_steps * world_size()) % args.num_generations:
         raise UsageError(f"--batch_size x --accumulation_steps x ranks must be a multiple of --num_generations "
@@ -164,7 +169,7 @@ def main(argv=None):
     trainer = MiniMindGRPOTrainer(model=policy, ref_model=ref_model, reward_funcs=funcs, args=grpo_args,
                                   train_dataset=train_set, processing_class=tokenizer, peft_config=peft_config,
                                   rollout_func=make_rollout(args, tokenizer), val_dataset=val_set,
-                                  accuracy_every=args.eval_interval or max(1, grpo_steps(args, len(train_set)) // 10))
+                                  accuracy_every=args.eval_interval or accuracy_interval(grpo_steps(args, len(train_set))))
     resume_step = last_checkpoint_step(grpo_args.output_dir) if args.resume else None
     metrics = MetricsFile(out_dir / f"grpo_{suffix}_metrics.jsonl", resume_step=resume_step, is_master=is_master())
     log = GRPOLogLines(metrics, LOG_EVERY_S)

@@ -10,7 +10,8 @@
     python data_process.py arithmetic --task tools     # tool-use problems for 6-grpo_train.py --task tools
 
 Inputs are .jsonl or .jsonl.gz (pretrain also takes .csv/.csv.gz with a `text` column):
-- pretrain: Seq-Monkey {"text": ...}; each document becomes <s> tokens </s>, kept whole however long.
+- pretrain: Seq-Monkey {"text": ...}; each document becomes <s> tokens </s>, kept whole however long, with its
+  input file's name and its length in characters recorded beside it (for 1-pretrain.py --mix / --max_doc_chars).
 - sft: deepctrl {"history": [[q, a], ...], "input"/"q", "output"/"a"} (an "instruction" is put before the input,
   an optional "system" becomes the system prompt), or {"messages"/"conversations": [{"role", "content"}, ...]}.
   MiniMind-3's conversations may also have "tool" messages and, on assistant messages, "reasoning_content" and
@@ -184,7 +185,8 @@ def pretrain_chunk(chunk):
     if _worker["dedup"]:
         sigs = [(hashlib.md5(" ".join(t.split()).encode()).digest(), minhash_signature(t, _worker["num_perm"]))
                 for t in texts]
-    return dict(docs=docs, bad=bad, n_bytes=sum(len(x) for x in lines), sigs=sigs)
+    return dict(docs=docs, chars=[len(t) for t in texts], source=name, bad=bad,
+                n_bytes=sum(len(x) for x in lines), sigs=sigs)
 
 
 def sft_messages(obj: dict):
@@ -292,9 +294,15 @@ def tokenizer_vocab_size(tokenizer_dir: str) -> int:
 
 
 class PretrainSink:
+    """Writes `tokens` and `doc_offsets`, and per document its input file (`doc_source`, an index into the header's
+    meta["source_names"]) and its length in characters (`doc_chars`), which 1-pretrain.py's --mix and
+    --max_doc_chars read."""
+
     def __init__(self, out: Path, vocab_size: int, dedup_threshold: float | None, num_perm: int):
-        self.writer = TokenFileWriter(out, "pretrain", {"tokens": token_dtype(vocab_size), "doc_offsets": "uint64"})
+        self.writer = TokenFileWriter(out, "pretrain", {"tokens": token_dtype(vocab_size), "doc_offsets": "uint64",
+                                                        "doc_source": "uint16", "doc_chars": "uint32"})
         self.writer.append("doc_offsets", [0])
+        self.source_names: list[str] = []
         self.n_tokens = self.kept = self.duplicates = 0
         self.lsh = self.seen = None
         if dedup_threshold is not None:
@@ -312,16 +320,21 @@ class PretrainSink:
         return False
 
     def add(self, result):
-        docs = result["docs"]
+        docs, chars = result["docs"], result["chars"]
         if self.lsh is not None:
             keep = [not self.is_duplicate(*sig) for sig in result["sigs"]]
             self.duplicates += keep.count(False)
             docs = [d for d, k in zip(docs, keep) if k]
+            chars = [c for c, k in zip(chars, keep) if k]
         if not docs:
             return
+        if result["source"] not in self.source_names:  # inputs with the same file name count as one source
+            self.source_names.append(result["source"])
         lengths = np.array([len(d) for d in docs], dtype=np.uint64)
         self.writer.append("tokens", np.concatenate(docs))
         self.writer.append("doc_offsets", self.n_tokens + np.cumsum(lengths))
+        self.writer.append("doc_source", np.full(len(docs), self.source_names.index(result["source"])))
+        self.writer.append("doc_chars", np.array(chars, dtype=np.int64))
         self.n_tokens += int(lengths.sum())
         self.kept += len(docs)
 
@@ -484,8 +497,10 @@ def main(argv=None):
             where = ", ".join(f"{n}:{ln} ({why})" for n, ln, why in bad[:5]) or "the input has no records"
             sys.exit(f"error: no usable {args.stage} records in {', '.join(map(str, paths))}; "
                      f"{len(bad)} malformed line(s), first: {where}. Nothing was written.")
-        sink.writer.close(meta={"sources": [p.name for p in paths], "summary": sink.summary(),
-                                "malformed_lines": len(bad)})
+        meta = {"sources": [p.name for p in paths], "summary": sink.summary(), "malformed_lines": len(bad)}
+        if args.stage == "pretrain":
+            meta["source_names"] = sink.source_names
+        sink.writer.close(meta=meta)
     except BaseException:
         sink.writer.abort()
         raise

@@ -12,7 +12,10 @@ The header is written last, after every array is on disk, and the file is rename
 reader also checks every array lies inside the file. So a killed or truncated run never yields a file that
 training accepts.
 
-- pretrain: `tokens` (each document as <s> ... </s>, back to back) and `doc_offsets` (uint64, n_docs + 1).
+- pretrain: `tokens` (each document as <s> ... </s>, back to back) and `doc_offsets` (uint64, n_docs + 1); since
+  the data mixture (model/mixture.py) also `doc_source` (uint16 per document: its input file, an index into
+  meta["source_names"]) and `doc_chars` (uint32 per document: its text's length in characters). Files without
+  those two load as before: one source, and no --max_doc_chars.
 - sft: `tokens`, `answer_mask` (uint8, 1 on assistant-answer tokens), `sample_offsets` (uint64, n + 1), and the
   turn boundaries used to re-truncate: `turn_bounds` (uint32, per sample [system_end, pair_1_end, ...], relative to
   the sample start) with `turn_offsets` (uint64, n + 1) into it.
@@ -37,6 +40,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .errors import UsageError
+from .mixture import build_mixture
 
 MAGIC = b"MINIMIND"
 FORMAT_VERSION = 1
@@ -257,29 +261,47 @@ class PretrainDataset(Dataset):
     item also gets `position_ids` counting from each document's start and `document_ids` (0, 1, ... per document in
     the window), so the model attends block-diagonally and no token attends across a document boundary (on CUDA
     under torch.compile through flex_attention's block-sparse kernel, elsewhere SDPA with a dense mask).
+
+    `mix`, `max_doc_tokens`, `max_doc_chars` select which documents (and how often) the epoch holds, and
+    `packing="bos"` starts every window at a document's <s> (model/mixture.py); `seed` makes the selection
+    reproducible. With their defaults the windows are exactly the above. `self.mixture.describe(T)` says what the
+    epoch holds.
     """
 
-    def __init__(self, path: str | os.PathLike, seq_len: int, doc_mask: bool = False):
+    def __init__(self, path: str | os.PathLike, seq_len: int, doc_mask: bool = False,
+                 mix: dict[str, float] | None = None, max_doc_tokens: int | None = None,
+                 max_doc_chars: int | None = None, packing: str = "stream", seed: int = 0):
         self.file = _MappedFile(path, "pretrain")
         self.seq_len = seq_len
         self.doc_mask = doc_mask
         arrays = self.file.header["arrays"]
         self.n_tokens = arrays["tokens"]["length"]
         self.n_docs = max(arrays["doc_offsets"]["length"] - 1, 0)
-        self.n_windows = max((self.n_tokens - 1) // seq_len, 0)
+        self.mixture = build_mixture(self.file.header, self.file.arrays, path, seq_len, mix, max_doc_tokens,
+                                     max_doc_chars, packing, seed)
+        self.file._arrays = None  # reopen lazily in each DataLoader worker
+        self.windows = self.mixture.windows
+        if self.windows is None:
+            self.n_windows = max((self.n_tokens - 1) // seq_len, 0)
+        else:
+            self.n_windows = self.windows.n_windows
         if self.n_windows == 0:
-            raise DataFileError(f"{path} has {self.n_tokens} tokens: not enough for one window of {seq_len + 1}")
+            raise DataFileError(f"{path} has {self.n_tokens} tokens: not enough for one window of {seq_len + 1}"
+                                f"{'' if self.windows is None else ' under the --mix/--max_doc_*/--packing flags'}")
 
     def __len__(self) -> int:
         return self.n_windows
 
     def window_bounds(self, index: int) -> tuple[int, int]:
+        """Token range of window `index` in the file (today's contiguous windows only)."""
         start = index * self.seq_len
         return start, start + self.seq_len + 1
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.n_windows:
             raise IndexError(index)
+        if self.windows is not None:
+            return self._pieced_item(index)
         start, end = self.window_bounds(index)
         window = torch.from_numpy(self.file.arrays["tokens"][start:end].astype(np.int64))
         item = {"input_ids": window[:-1], "targets": window[1:]}
@@ -289,6 +311,20 @@ class PretrainDataset(Dataset):
             doc = np.searchsorted(offsets, positions, side="right") - 1
             item["position_ids"] = torch.from_numpy(positions - offsets[doc].astype(np.int64))
             item["document_ids"] = torch.from_numpy(doc - doc[0])
+        return item
+
+    def _pieced_item(self, index: int) -> dict[str, torch.Tensor]:
+        """A window made of pieces of documents (a mixture, or bos packing): the same keys as a contiguous one."""
+        docs, firsts, counts = self.windows.pieces(index)
+        tokens, offsets = self.file.arrays["tokens"], self.file.arrays["doc_offsets"]
+        starts = offsets[docs].astype(np.int64) + firsts
+        window = torch.from_numpy(np.concatenate([tokens[s:s + n] for s, n in zip(starts, counts)]).astype(np.int64))
+        item = {"input_ids": window[:-1], "targets": window[1:]}
+        if self.doc_mask:
+            positions = np.concatenate([np.arange(f, f + n) for f, n in zip(firsts, counts)])
+            document = np.repeat(np.arange(len(counts)), counts)
+            item["position_ids"] = torch.from_numpy(positions[:-1])
+            item["document_ids"] = torch.from_numpy(document[:-1])
         return item
 
 

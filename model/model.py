@@ -461,9 +461,11 @@ class TransformerBlock(nn.Module):
 
 @dataclass
 class MiniMindCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the MoE balance loss (already included in `loss` when training)."""
+    """`CausalLMOutputWithPast` plus the MoE balance loss (already included in `loss` when training) and the z-loss
+    term (included in `loss` when the forward was asked for one)."""
 
     aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
 
 
 # transformers 5.x renamed the output's `past_key_values` to `cache` (the old name warns).
@@ -479,6 +481,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     # Activation checkpointing (transformers' gradient_checkpointing_enable, trl's --gradient_checkpointing): each
     # block's activations are recomputed in the backward pass instead of kept, for long RL rollouts on small GPUs.
     supports_gradient_checkpointing = True
+    supports_z_loss = True  # forward(z_loss=W): the training loop's --z_loss (peft's wrapper passes it through)
 
     def __init__(self, config: LMConfig):
         super().__init__(config)
@@ -531,6 +534,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         document_ids: torch.LongTensor | None = None,
         token_mask: torch.Tensor | None = None,
+        z_loss: float = 0.0,
         **kwargs,
     ) -> MiniMindCausalLMOutput:
         """Logits for every position (or the last `logits_to_keep`), and the loss when labels are given.
@@ -544,6 +548,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             id, and RoPE positions restart at each document (unless position_ids are given); -1 marks padding.
         token_mask: (B, T), 1 on real tokens, for right-padded batches: attention stays plain causal (exact for
             every real token, as padding only follows them) and the MoE balance loss counts only real tokens.
+        z_loss: W > 0 adds `_z_loss` (W x logsumexp(logits)^2 over the loss tokens) to the loss, also returned
+            as `out.z_loss`; the training loop passes it, nothing else does (0: the loss is the cross-entropy alone).
         """
         # transformers 5.x's GenerationMixin passes the cache as `cache=`; 4.x (and trl/peft) as `past_key_values=`.
         if past_key_values is None:
@@ -559,12 +565,15 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                                                           B, T, past, h.device)
         logits, aux_total = self._layers_to_logits(h, _rope(self.config, position_ids), mask, cache, real,
                                                    logits_to_keep)
-        loss = None
+        loss = z_term = None
         if labels is not None or targets is not None:
             loss = _lm_loss(logits, labels, targets, num_items_in_batch)
+            if z_loss:
+                z_term = _z_loss(logits, labels, targets, num_items_in_batch, z_loss)
+                loss = loss + z_term
             if aux_total is not None and self.training:
                 loss = loss + aux_total
-        out = MiniMindCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_total)
+        out = MiniMindCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_total, z_loss=z_term)
         if use_cache:  # under the field name this transformers declares, so no deprecation shim runs
             out[_CACHE_FIELD] = cache
         return out
@@ -712,6 +721,22 @@ def _lm_loss(logits, labels, targets, num_items_in_batch):
     loss = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), tgt.reshape(-1), ignore_index=-100,
                            reduction=reduction)
     return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+def _z_loss(logits, labels, targets, num_items_in_batch, weight: float) -> torch.Tensor:
+    """PaLM's z-loss: weight x logsumexp(logits)^2 at the positions `_lm_loss` counts, normalised as it is (summed
+    and divided by num_items_in_batch, else averaged over those positions). It pulls the softmax normaliser towards
+    1 (log Z towards 0), which keeps the output logits from drifting large. The positions are weighted 0/1 rather
+    than selected, so the shapes never depend on the data (no host sync, no graph break)."""
+    if labels is not None:
+        pred, tgt = logits[:, :-1], labels[:, 1:]
+    else:
+        pred, tgt = logits, targets
+    keep = (tgt.to(logits.device) != -100).reshape(-1)
+    log_z = torch.logsumexp(pred.float().reshape(-1, pred.shape[-1]), dim=-1)
+    total = (log_z.square() * keep).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    return weight * total / count
 
 
 def _padded_causal_mask(pad: torch.Tensor, T: int, past: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Training plumbing shared by every training script (pretrain, SFT, LoRA): flags, device/dtype/distributed setup,
-optimizer, LR schedule, logging, checkpoints with exact resume, and the training loop itself.
+optimizer and LR schedule (model/optim.py), logging (loss, and bits per character when the script passes its
+tokenizer), checkpoints with exact resume, and the training loop itself.
 
 A numbered script is then just: parse flags, `rt = compute_init(args)`, build the model and dataset,
 `train(args, rt, model, dataset, weights_name)`, `compute_cleanup()`.
@@ -41,6 +42,17 @@ from .checkpoint import (
 from .dataset import ShardedSampler
 from .errors import UsageError
 from .model import real_tokens
+from .optim import (
+    add_optim_args,
+    build_optimizer,
+    check_optim_args,
+    deepspeed_muon_config,
+    deepspeed_muon_groups,
+    set_scheduled_lrs,
+)
+from .optim import cosine_lr as cosine_lr  # re-exported: the schedule's old home
+from .optim import make_optimizer as make_optimizer  # re-exported: benchmark.py and tests import it from here
+from .report_card import bits_per_char
 from .run_metrics import MetricsFile, holdout_split, items_left
 
 IMAGES_DIR = ROOT_DIR / "images"
@@ -64,9 +76,14 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     g.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per GPU")
     g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
+    g.add_argument("--min_lr_ratio", type=float, default=0.1,
+                   help="the LR schedule's floor, as a fraction of each peak (--learning_rate, --muon_lr)")
     g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps")
     g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    add_optim_args(g)
+    g.add_argument("--z_loss", type=float, default=0.0,
+                   help="add W x mean(logsumexp(logits)^2) over the loss tokens to the training loss (PaLM's z-loss, "
+                        "e.g. 1e-4; 0: off). The logged loss stays the cross-entropy alone")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="autocast dtype (default: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU)")
@@ -185,28 +202,6 @@ def print0(*args, **kwargs):
 # optimisation
 
 
-def cosine_lr(step: int, total_steps: int, warmup: int, max_lr: float, min_lr: float) -> float:
-    """Linear warmup to max_lr over `warmup` steps, then a cosine down to min_lr at total_steps."""
-    if warmup > 0 and step < warmup:
-        return max_lr * (step + 1) / warmup
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device_type: str,
-                   betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only (so LoRA trains just its adapters). Matrices (embeddings included)
-    get weight decay; vectors (norm weights, biases) do not. The fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model inside DDP / torch.compile / deepspeed wrappers."""
     while True:
@@ -310,6 +305,89 @@ def real_token_count(batch: dict) -> torch.Tensor:
     return torch.full((), ids.numel(), dtype=torch.long, device=ids.device)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# bits per character: the loss per character of text, which compares across tokenizers (a loss per token does not)
+
+
+TRAIN_TEXT_SAMPLE = 200  # training items whose characters per token convert the training loss to bits/char
+MAX_VAL_TEXT_ITEMS = 20_000  # held-out items counted at most (every one of them under the default --val_fraction
+#                              for corpora up to ~2B tokens); a larger held-out set is sampled evenly
+
+
+@dataclass(frozen=True)
+class TextCount:
+    """Loss tokens and the characters of text they stand for, over some items (see `count_text`)."""
+    tokens: int
+    chars: int
+    items: int
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.chars / self.tokens if self.tokens else float("nan")
+
+
+def loss_bits_per_char(nats_per_token: float, count: TextCount) -> float:
+    """Bits per character of a per-token mean loss (nats) over text like `count`'s: loss x tokens / (ln 2 x chars),
+    by model/report_card.bits_per_char (summed nats in, bits per character out)."""
+    return bits_per_char(nats_per_token * count.tokens, count.chars)
+
+
+def loss_token_ids(item: dict) -> torch.Tensor:
+    """The target ids an item's loss is computed on, in order: `targets` (already shifted) or `labels[1:]` (the
+    model shifts them), -100 left out: the positions `loss_item_count` counts."""
+    if item.get("labels") is not None:
+        targets = torch.as_tensor(item["labels"])[1:]
+    elif item.get("targets") is not None:
+        targets = torch.as_tensor(item["targets"])
+    else:
+        raise ValueError("an item needs labels or targets")
+    return targets[targets != -100]
+
+
+def count_text(items, indices, tokenizer) -> TextCount:
+    """Loss tokens and characters of `items[i]` for i in `indices`.
+
+    tokens: every loss position (the loss is their mean, so BOS/EOS targets count too).
+    chars: len() of the decoded text (Unicode code points, no clean-up of spaces) of those same ids less the
+    tokenizer's BOS, EOS and padding ids, which stand for no character (their nats still count, spread over the
+    text's characters). Each item's ids are decoded as one string: an SFT item's answer runs are joined, which adds
+    no character; a window cut inside a multi-byte character decodes it as one replacement character.
+    """
+    no_char = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    specials = torch.tensor(sorted(no_char), dtype=torch.long)
+    tokens = chars = 0
+    indices = list(indices)
+    for start in range(0, len(indices), 256):  # batches, for the tokenizer's fast batch decode
+        ids = [loss_token_ids(items[int(i)]) for i in indices[start:start + 256]]
+        tokens += sum(t.numel() for t in ids)
+        texts = tokenizer.batch_decode([t[~torch.isin(t, specials)].tolist() for t in ids],
+                                       clean_up_tokenization_spaces=False)
+        chars += sum(map(len, texts))
+    return TextCount(tokens, chars, len(indices))
+
+
+def _evenly_spaced(indices, k: int) -> list[int]:
+    """At most k of `indices`, spread evenly over them (the first k items of a file are often one source)."""
+    indices = list(indices)
+    if len(indices) <= k:
+        return indices
+    return [indices[i] for i in np.linspace(0, len(indices) - 1, k).round().astype(int)]
+
+
+def text_counts(tokenizer, train_set, dataset, val_idx: list[int]) -> tuple[TextCount | None, TextCount | None]:
+    """(a sample of the training items' count, the held-out items' count) at start-up, for `StepLogger`'s bpc and
+    val_bpc; None where there is nothing to count (no held-out item, no character)."""
+    train = count_text(train_set, _evenly_spaced(range(len(train_set)), TRAIN_TEXT_SAMPLE), tokenizer)
+    val = count_text(dataset, _evenly_spaced(val_idx, MAX_VAL_TEXT_ITEMS), tokenizer) if val_idx else None
+    return (train if train.chars else None), (val if val is not None and val.chars else None)
+
+
+def _text_counts_note(counts: tuple[TextCount | None, TextCount | None]) -> str:
+    parts = [f"{c.chars_per_token:.3f} chars/token over {what} ({c.items:,} items)"
+             for c, what in zip(counts, ("a training sample", "the held-out items")) if c is not None]
+    return "bits per character from " + "; ".join(parts) if parts else "bits per character: no text to count"
+
+
 def _scalar(value) -> float | None:
     """A logged number as a float (reading a device tensor here, at log time only), None when absent."""
     if value is None:
@@ -326,12 +404,15 @@ class StepLogger:
     records exactly the same history as one that never stopped, however long its steps took.
 
     Tokens/s and MFU count real tokens only (padding excluded, see `real_token_count`); the counts stay on the device
-    until a line is printed.
+    until a line is printed. With `text_counts` (train, held-out) from `text_counts`, the lines also give the loss
+    in bits per character (bpc, val_bpc), worked out from the already-reduced loss when the line is written.
     """
 
     def __init__(self, rt: Runtime, model, total_steps: int, interval: int, start_step: int, history: list,
-                 logger, every_s: float | None = None, clock=None, metrics=None, steps_per_epoch: int | None = None):
+                 logger, every_s: float | None = None, clock=None, metrics=None, steps_per_epoch: int | None = None,
+                 text_counts: tuple[TextCount | None, TextCount | None] = (None, None)):
         self.rt, self.total_steps, self.interval, self.start_step = rt, total_steps, interval, start_step
+        self.train_text, self.val_text = text_counts
         self.history, self.logger, self.metrics, self.steps_per_epoch = history, logger, metrics, steps_per_epoch
         # Looked up per run rather than bound as defaults, so a test can shorten LOG_EVERY_S or fake the clock.
         self.every_s = LOG_EVERY_S if every_s is None else every_s
@@ -391,8 +472,9 @@ class StepLogger:
         step = record["step"]
         line = {"step": step, "epoch": step / self.steps_per_epoch if self.steps_per_epoch else epoch + 1,
                 "loss": record["loss"]}
-        if "val_loss" in record:
-            line["val_loss"] = record["val_loss"]
+        for key in ("bpc", "val_loss", "val_bpc"):  # where known (a tokenizer given, a validation step)
+            if key in record:
+                line[key] = record[key]
         line.update({k: record.get(k) for k in ("lr", "tokens_per_s", "padding_share", "mfu", "grad_norm")})
         return line
 
@@ -403,9 +485,15 @@ class StepLogger:
         pad = 1.0 - real / positions if positions else 0.0
         record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "padding_share": pad}
         msg = f"step {step}/{self.total_steps} (epoch {epoch + 1}) | loss {loss:.4f}{note}"
+        if self.train_text is not None:
+            record["bpc"] = loss_bits_per_char(loss, self.train_text)
+            msg += f" | bpc {record['bpc']:.4f}"
         if val_loss is not None:
             record["val_loss"] = val_loss
             msg += f" | val_loss {val_loss:.4f}"
+            if self.val_text is not None:
+                record["val_bpc"] = loss_bits_per_char(val_loss, self.val_text)
+                msg += f" | val_bpc {record['val_bpc']:.4f}"
         msg += f" | lr {lr:.2e} | {tok_s:,.0f} tok/s | pad {100 * pad:.1f}%"
         if (norm := _scalar(grad_norm)) is not None:
             record["grad_norm"] = norm
@@ -630,6 +718,11 @@ def _deepspeed_engine(args, rt: Runtime, model, optimizer):
     ds_config["gradient_clipping"] = args.grad_clip
     ds_config["bf16"] = {"enabled": rt.dtype == torch.bfloat16}
     ds_config["fp16"] = {"enabled": rt.dtype == torch.float16}
+    if optimizer is None:  # --optimizer muon: DeepSpeed's own Muon (with its auxiliary Adam) from the config
+        ds_config["optimizer"] = deepspeed_muon_config(args)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                                          model_parameters=deepspeed_muon_groups(model, args))
+        return engine, ds_optimizer
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_optimizer
 
@@ -740,13 +833,17 @@ def _param_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def _resume(ckpt, state: dict, model, optimizer, scaler, strict: bool) -> tuple[int, list, str | None]:
+def _resume(ckpt, state: dict, model, optimizer, scaler, strict: bool, args=None) -> tuple[int, list, str | None]:
     """Restore model, optimizer, scaler and RNG from the loaded resume file; (step, history, wandb run id)."""
     saved_cfg, cfg = state.get("config") or {}, json.loads(json.dumps(_model_config(model), default=str))
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "use_moe"):
         if key in saved_cfg and key in cfg and saved_cfg[key] != cfg[key]:
             raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with {key}={saved_cfg[key]}, "
                                   f"this run has {key}={cfg[key]}")
+    saved_optimizer = (state.get("args") or {}).get("optimizer", "adamw")  # files from before --optimizer: AdamW
+    if args is not None and saved_optimizer != args.optimizer:
+        raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with --optimizer {saved_optimizer}, this "
+                              f"run has --optimizer {args.optimizer}; resume with --optimizer {saved_optimizer}")
     unwrap(model).load_state_dict(state["model"], strict=strict)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -782,7 +879,15 @@ def _step_loss(out, batches_per_step: int) -> torch.Tensor:
     return out.loss - aux * (1 - 1 / batches_per_step)
 
 
-def _accumulate(train_model, engine, data_iter, rt: Runtime, scaler, log, batches_per_step: int) -> dict:
+def _cross_entropy_part(loss: torch.Tensor, out) -> torch.Tensor:
+    """The detached loss to log: without the z-loss term (a regulariser, not the fit; so the loss and its bits per
+    character mean the same with and without --z_loss)."""
+    z = getattr(out, "z_loss", None)
+    return loss.detach() if z is None else loss.detach() - z.detach()
+
+
+def _accumulate(train_model, engine, data_iter, rt: Runtime, scaler, log, batches_per_step: int,
+                z_loss: float = 0.0) -> dict:
     """Forward and backward over one step's micro-batches; returns the last batch.
 
     The token loss is normalised over the whole step: each micro-batch's summed token CE is divided by the loss
@@ -796,9 +901,11 @@ def _accumulate(train_model, engine, data_iter, rt: Runtime, scaler, log, batche
     if rt.ddp:
         dist.all_reduce(total)
     n_items = total.clamp(min=1) / rt.world_size  # a step with no loss token trains on 0, not NaN
+    extra = {"z_loss": z_loss} if z_loss else {}  # off: the very call the loop always made
     for micro, batch in enumerate(batches):
         if engine is not None:
-            loss = _step_loss(engine(**batch, num_items_in_batch=n_items), batches_per_step)
+            out = engine(**batch, num_items_in_batch=n_items, **extra)
+            loss = _step_loss(out, batches_per_step)
             engine.backward(loss * batches_per_step)  # deepspeed divides by its gradient_accumulation_steps: undone
             engine.step()
         else:
@@ -806,9 +913,10 @@ def _accumulate(train_model, engine, data_iter, rt: Runtime, scaler, log, batche
             # Skip the gradient all-reduce on all but the last micro-batch: it is wasted work.
             sync = nullcontext() if (last or not rt.ddp) else train_model.no_sync()
             with sync, rt.autocast():
-                loss = _step_loss(train_model(**batch, num_items_in_batch=n_items), batches_per_step)
+                out = train_model(**batch, num_items_in_batch=n_items, **extra)
+                loss = _step_loss(out, batches_per_step)
             scaler.scale(loss).backward()
-        log.micro_batch(loss.detach(), real_token_count(batch), batch["input_ids"].numel())
+        log.micro_batch(_cross_entropy_part(loss, out), real_token_count(batch), batch["input_ids"].numel())
     return batch
 
 
@@ -845,9 +953,19 @@ class _Run:
     step_callback: object = None
 
 
+def _check_loop_flags(args, rt: Runtime, model) -> None:
+    """One-line refusals of flag combinations the loop cannot honour, before any work."""
+    check_optim_args(args, deepspeed=bool(rt.deepspeed_config))
+    if args.z_loss < 0:
+        raise UsageError(f"--z_loss must be >= 0 (0: off), got {args.z_loss}")
+    if args.z_loss and not getattr(model, "supports_z_loss", False):
+        raise UsageError(f"--z_loss: this stage's model ({type(model).__name__}) computes its own loss and has no "
+                         f"z-loss; drop --z_loss")
+
+
 def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str, collate_fn=None,
           save_state_dict_fn=None, run_name: str | None = None, step_callback=None,
-          outputs: dict | None = None) -> list[dict]:
+          outputs: dict | None = None, tokenizer=None) -> list[dict]:
     """Train `model` on `dataset` (items are dicts passed as model(**batch); the loss is out.loss), holding out
     --val_fraction of the items for the validation loss.
 
@@ -857,8 +975,11 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     `save_state_dict_fn(model) -> dict` replaces the saved weights (e.g. LoRA merged into the base).
     `step_callback(step, history)` runs after each optimizer step (tests use it to simulate a crash).
     `outputs` ({what: path}) adds what the caller's own save_state_dict_fn writes to that closing list.
+    `tokenizer` (the one the data was tokenized with) adds bits per character (bpc, val_bpc) to the log lines and
+    the metrics file, from characters per token counted once at start-up (`text_counts`); without it, none.
     """
     run_name = run_name or weights_name
+    _check_loop_flags(args, rt, model)
     model.to(rt.device)
     ckpt = CheckpointManager(args.out_dir, weights_name, rt.is_master, save_state_dict_fn)
     state = ckpt.load() if args.resume else None
@@ -869,11 +990,11 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     if getattr(dataset, "skipped", 0):
         print0(f"skipped {dataset.skipped} samples with no answer token left after truncation")
 
-    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, rt.device_type)
+    optimizer = build_optimizer(args, model, rt.device_type, deepspeed=bool(rt.deepspeed_config))
     start_step, history, wandb_id = 0, [], None
     if state is not None:
         start_step, history, wandb_id = _resume(ckpt, state, model, optimizer, rt.scaler,
-                                                strict=save_state_dict_fn is None)
+                                                strict=save_state_dict_fn is None, args=args)
     engine, optimizer, train_model = _training_wrappers(args, rt, model, optimizer, ckpt, weights_name)
 
     logger = make_logger(args, run_name, {**vars(args), "model": _model_config(model)}, wandb_id)
@@ -885,11 +1006,15 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     every = resolve_eval_interval(args, total_steps, interval)
     print0(log_interval_note(interval))
     print0(_validation_note(len(val_idx), len(dataset), every))
+    counts = (None, None)
+    if tokenizer is not None and rt.is_master:  # only rank 0 writes the lines that carry bpc
+        counts = text_counts(tokenizer, train_set, dataset, val_idx)
+        print0(_text_counts_note(counts))
     # A resumed run drops the lines the killed run logged after its last save: they are logged again.
     metrics = MetricsFile(Path(args.out_dir) / f"{run_name}_metrics.jsonl",
                           resume_step=start_step if state is not None else None, is_master=rt.is_master)
     log = StepLogger(rt, model, total_steps, interval, start_step, history, logger, metrics=metrics,
-                     steps_per_epoch=steps_per_epoch)
+                     steps_per_epoch=steps_per_epoch, text_counts=counts)
     validation = _Validation(args, rt, model, dataset, val_idx, collate_fn, every)
     _train_steps(args, rt, _Run(model, train_model, engine, optimizer, ckpt, log, validation, sampler, train_set,
                                 collate_fn, steps_per_epoch, total_steps, start_step, val_idx, step_callback))
@@ -902,7 +1027,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
 
 def _train_steps(args, rt: Runtime, r: _Run) -> None:
     """The optimizer steps from r.start_step to r.total_steps: train, validate when due, log, save."""
-    batches_per_step, min_lr = args.accumulation_steps, args.learning_rate * args.min_lr_ratio
+    batches_per_step = args.accumulation_steps
     step = r.start_step
     r.train_model.train()
     data_iter, data_epoch = None, None
@@ -913,11 +1038,10 @@ def _train_steps(args, rt: Runtime, r: _Run) -> None:
             r.sampler.set_epoch(epoch, start=step_in_epoch * batches_per_step * args.batch_size)
             data_iter = iter(_epoch_loader(args, rt, r.train_set, r.sampler, r.collate_fn, epoch))
             data_epoch = epoch
-        lr = cosine_lr(step, r.total_steps, args.warmup_iters, args.learning_rate, min_lr)
-        for group in r.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_scheduled_lrs(r.optimizer, args, step, r.total_steps)  # each group from its own peak
 
-        batch = _accumulate(r.train_model, r.engine, data_iter, rt, rt.scaler, r.log, batches_per_step)
+        batch = _accumulate(r.train_model, r.engine, data_iter, rt, rt.scaler, r.log, batches_per_step,
+                            args.z_loss)
         if r.engine is None:
             grad_norm = _optimizer_step(r.model, r.optimizer, rt.scaler, args.grad_clip)
         else:  # deepspeed clipped (and stepped) inside engine.step()

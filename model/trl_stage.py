@@ -11,6 +11,7 @@ from transformers.utils import logging as hf_logging
 
 from .checkpoint import clean_state_dict, save_weights
 from .lora import merged_state_dict, save_adapter
+from .optim import refuse_loop_only_flags
 from .train_utils import print_outputs, save_loss_plot
 
 
@@ -25,6 +26,7 @@ def is_master() -> bool:
 def trainer_fields(args, device: str, output_dir: Path, run_name: str, logging_steps: int,
                    activation_checkpointing: bool = False) -> dict:
     """TrainingArguments fields from the shared training flags (model/train_utils.add_train_args)."""
+    refuse_loop_only_flags(args)  # trl brings its own AdamW and schedule: --optimizer muon etc. would do nothing
     # transformers 5 renamed gradient_checkpointing and warns on the old name, which transformers 4 still needs.
     name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"

@@ -27,6 +27,7 @@ LAUNCHER = textwrap.dedent("""
     original_train = train_utils.train
     def recording_train(args, rt, model, *rest, **kwargs):  # keeps each rank's model to hash its final weights
         trained["model"] = model
+        kwargs.pop("tokenizer", None)  # its bits/char sample would add start-up reads to `seen`
         return original_train(args, rt, model, *rest, **kwargs)
     train_utils.train = recording_train
     sys.argv = ["1-pretrain.py", *sys.argv[1:]]

@@ -97,34 +97,39 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_kill_logs_the_same_losses(tmp_path, corpus):
-    flags = ["--batch_size", "2", "--accumulation_steps", "2", "--max_steps", "6", "--learning_rate", "3e-3",
-             "--warmup_iters", "2", "--save_interval", "3", "--seed", "7"]
-    # 6 straight steps
+def kill_and_resume(tmp_path, corpus, flags) -> tuple[list, dict, list]:
+    """6 straight steps; and the same run killed after its step-3 save (step 4 ran, unsaved), then resumed by a new
+    process from a differently initialised model and a disturbed RNG. The final weights must be equal. Returns
+    (straight history, the resume file's state at the kill, resumed history)."""
     args = make_args(tmp_path / "straight", *flags)
     straight = train(args, compute_init(args), fresh_model(), corpus, "pretrain_64")
-
-    # 3 steps, then the process dies (after the step-3 save) ...
     args = make_args(tmp_path / "killed", *flags)
 
-    def die_after_3(step, history):
+    def die_at_4(step, history):
         if step == 4:  # step 4 ran but was never saved: it must be redone identically
             raise Crash
 
     with pytest.raises(Crash):
-        train(args, compute_init(args), fresh_model(), corpus, "pretrain_64", step_callback=die_after_3)
-    # ... and a new process resumes from a differently initialised model and a disturbed RNG
+        train(args, compute_init(args), fresh_model(), corpus, "pretrain_64", step_callback=die_at_4)
+    state = torch.load(tmp_path / "killed" / "out" / "pretrain_64.resume.pt", weights_only=True)
     args = make_args(tmp_path / "killed", *flags, "--resume")
     rt = compute_init(args)
     torch.manual_seed(12345)
     resumed = train(args, rt, fresh_model(seed=99), corpus, "pretrain_64")
-
-    assert [h["step"] for h in straight] == [1, 2, 3, 4, 5, 6]
-    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]  # history carried over in the resume file
-    assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]  # bit-for-bit
     a = torch.load(tmp_path / "straight" / "out" / "pretrain_64.pth", weights_only=True)
     b = torch.load(tmp_path / "killed" / "out" / "pretrain_64.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    return straight, state, resumed
+
+
+def test_resume_after_a_kill_logs_the_same_losses(tmp_path, corpus):
+    flags = ["--batch_size", "2", "--accumulation_steps", "2", "--max_steps", "6", "--learning_rate", "3e-3",
+             "--warmup_iters", "2", "--save_interval", "3", "--seed", "7"]
+    straight, state, resumed = kill_and_resume(tmp_path, corpus, flags)
+    assert state["step"] == 3
+    assert [h["step"] for h in straight] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]  # history carried over in the resume file
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]  # bit-for-bit
 
 
 def test_resume_without_a_resume_file_fails_clearly(tmp_path, corpus):
