@@ -6,13 +6,14 @@
     deepspeed --num_gpus 8 1-pretrain.py                              # ZeRO-2 from ds_config_zero2.json
     deepspeed --num_gpus 8 1-pretrain.py --deepspeed ds_config_zero1.json
     python 1-pretrain.py --resume                                     # continue exactly where a run stopped
-    python 1-pretrain.py --mix pretrain_zh-00.jsonl.gz=1 pretrain_zh-01.jsonl.gz=0.5 --max_doc_chars 512
+    python 1-pretrain.py --mix pretrain_zh-00.jsonl.gz=1 pretrain_zh-01.jsonl.gz=0.5 --max_doc_chars 0
     python 1-pretrain.py --packing bos --doc_mask                     # every window starts at a document's <s>
 
 --mix weights each input file of data_process.py (a document's expected count per epoch), --max_doc_tokens and
 --max_doc_chars keep only the shorter documents, --packing bos aligns windows to documents; see model/mixture.py.
-Their defaults give the plain packed stream of every document. The start-up log shows each source's share of the
-epoch and the share of tokens the packing crops away.
+By default the epoch is the packed stream of the documents of at most 512 characters (the measured recipe: README
+"Pretraining recipe"; --max_doc_chars 0 packs every document). The start-up log shows what the filter keeps, each
+source's share of the epoch and the share of tokens the packing crops away.
 
 Writes out/pretrain_{dim}{_moe}.pth (a plain v1 state dict) every --save_interval steps and at the end, the resume
 state next to it, and images/pretrain_{dim}{_moe}_loss.png.
@@ -34,6 +35,9 @@ add_train_args(parser, data_path=str(ROOT_DIR / "dataset" / "pretrain_data.bin")
                learning_rate=5e-4, warmup_iters=100, save_interval=1000)
 parser.add_argument("--doc_mask", action="store_true",
                     help="no attention across documents in a packed window (slower: no flash kernel)")
+parser.add_argument("--tokenizer", default=None,
+                    help="the tokenizer data_process.py made the token file with, for bits per character (default: "
+                         "the bundled one of the model's family)")
 add_mixture_args(parser)
 
 
@@ -47,11 +51,14 @@ def main(argv=None):
     dataset = PretrainDataset(args.data_path, config.max_seq_len, doc_mask=args.doc_mask, **mixture_kwargs(args))
     print0(f"{args.data_path}: {dataset.n_docs:,} documents, {dataset.n_tokens:,} tokens, "
            f"{len(dataset):,} windows of {config.max_seq_len}")
+    if dataset.mixture.filter_note:
+        print0(dataset.mixture.filter_note)
     if dataset.windows is not None:  # a mixture or bos packing: what the epoch holds instead of the whole file
         print0("\n".join(["the epoch holds:", *dataset.mixture.describe(config.max_seq_len)]))
-    # The family's tokenizer (data_process.py's default for it) turns the loss into bits per character.
+    # The data's tokenizer (by default the family's, data_process.py's default for it) turns the loss into bits per
+    # character.
     train(args, rt, model, dataset, weights_name=f"pretrain_{config.file_suffix}",
-          run_name=f"pretrain_{config.file_suffix}", tokenizer=load_tokenizer(config=config))
+          run_name=f"pretrain_{config.file_suffix}", tokenizer=load_tokenizer(args.tokenizer, config=config))
     compute_cleanup()
 
 

@@ -32,6 +32,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default=None,
                         help="weights to start from (default: the newest {out_dir}/pretrain_<dim>.pth)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the tokenizer data_process.py made the data with, the model's (default: the bundled one "
+                             "of its family)")
     add_packing_arg(parser)
     add_model_args(parser)
     # v1's SFT recipe: a lower peak LR than pretraining, small batches. 8 packed windows of 512 hold ~34 real
@@ -53,7 +56,7 @@ def main(argv=None):
 
     # The family's tokenizer (the one data_process.py sft used for it) turns the loss into bits per character.
     train(args, rt, model, dataset, weights_name=f"full_sft_{config.file_suffix}",
-          tokenizer=load_tokenizer(config=config))
+          tokenizer=load_tokenizer(args.tokenizer, config=config))
     compute_cleanup()
 
 

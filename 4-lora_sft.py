@@ -34,6 +34,9 @@ def main(argv=None):
     parser.add_argument("--init", default=None, help="base weights (default: the newest {out_dir}/full_sft_<dim>.pth)")
     add_lora_args(parser)
     parser.add_argument("--merge", action="store_true", help="also save the merged model as a v1 .pth")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the tokenizer data_process.py made the data with, the model's (default: the bundled one "
+                             "of its family)")
     add_packing_arg(parser)
     add_model_args(parser)
     # Adapters start at zero and are few, so they take a higher LR than full fine-tuning, and no weight decay.
@@ -64,7 +67,7 @@ def main(argv=None):
 
     train(args, rt, model, dataset, weights_name=name if args.merge else f"{name}_adapter",
           save_state_dict_fn=weights, run_name=name, outputs={"adapter (peft)": adapter_dir},
-          tokenizer=load_tokenizer(config=config))
+          tokenizer=load_tokenizer(args.tokenizer, config=config))
     compute_cleanup()
 
 

@@ -54,7 +54,7 @@ from model.train_utils import (
     log_interval_note,
     resolve_log_interval,
 )
-from model.trl_stage import is_master, quiet, save_results, trainer_fields, world_size
+from model.trl_stage import choose_optimizer, is_master, quiet, save_results, trainer_fields, world_size
 
 ROOT = Path(__file__).resolve().parent
 
@@ -130,6 +130,7 @@ def main(argv=None):
     resume_step = last_checkpoint_step(dpo_args.output_dir) if args.resume else None
     metrics = MetricsFile(out_dir / f"rl_{suffix}_metrics.jsonl", resume_step=resume_step, is_master=is_master())
     log = DPOLogLines(metrics, LOG_EVERY_S)
+    choose_optimizer(trainer, args)
     quiet(trainer, log)
     if is_master():
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -46,7 +46,7 @@ from model.lora import add_lora_args, lora_config
 from model.rewards import build_rewards
 from model.run_metrics import MetricsFile
 from model.train_utils import LOG_EVERY_S, add_train_args, log_interval_note, resolve_log_interval
-from model.trl_stage import is_master, quiet, save_results, trainer_fields, world_size
+from model.trl_stage import choose_optimizer, is_master, quiet, save_results, trainer_fields, world_size
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_REWARDS = {"math": ["math:1", "format:0.2", "length:0.1"], "tools": ["tool:1", "format:0.2", "length:0.1"]}
@@ -173,6 +173,7 @@ def main(argv=None):
     resume_step = last_checkpoint_step(grpo_args.output_dir) if args.resume else None
     metrics = MetricsFile(out_dir / f"grpo_{suffix}_metrics.jsonl", resume_step=resume_step, is_master=is_master())
     log = GRPOLogLines(metrics, LOG_EVERY_S)
+    choose_optimizer(trainer, args)
     quiet(trainer, log)
     if is_master():
         start = trainer.accuracy_now()

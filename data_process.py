@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.arithmetic import KINDS, write_sets
-from model.checkpoint import TOKENIZER_DIR
+from model.checkpoint import TOKENIZER_DIR, load_tokenizer, vocab_fingerprint
 from model.dataset import (
     BLANK,
     TokenFileWriter,
@@ -497,7 +497,9 @@ def main(argv=None):
             where = ", ".join(f"{n}:{ln} ({why})" for n, ln, why in bad[:5]) or "the input has no records"
             sys.exit(f"error: no usable {args.stage} records in {', '.join(map(str, paths))}; "
                      f"{len(bad)} malformed line(s), first: {where}. Nothing was written.")
-        meta = {"sources": [p.name for p in paths], "summary": sink.summary(), "malformed_lines": len(bad)}
+        meta = {"sources": [p.name for p in paths], "summary": sink.summary(), "malformed_lines": len(bad),
+                "tokenizer": {"path": str(args.tokenizer), "vocab_sha256": vocab_fingerprint(load_tokenizer(
+                    args.tokenizer))}}
         if args.stage == "pretrain":
             meta["source_names"] = sink.source_names
         sink.writer.close(meta=meta)

@@ -99,8 +99,10 @@ def record_text(obj):
 class Corpus:
     """Streams usable texts from jsonl(.gz) files, counting and remembering bad lines."""
 
-    def __init__(self, files, max_docs=None, eval_every=100, eval_chars=1_000_000, max_docs_per_file=None):
+    def __init__(self, files, max_docs=None, eval_every=100, eval_chars=1_000_000, max_docs_per_file=None,
+                 max_chars_per_file=None):
         self.files, self.max_docs, self.max_docs_per_file = files, max_docs, max_docs_per_file
+        self.max_chars_per_file = max_chars_per_file
         self.eval_every, self.eval_chars = eval_every, eval_chars
         self.used = self.train_docs = self.train_chars = self.skipped = 0
         self.skip_examples = []  # first few "file:line (reason)"
@@ -125,7 +127,12 @@ class Corpus:
 
     def _texts(self):
         for path in self.files:
-            yield from itertools.islice(self._file_texts(path), self.max_docs_per_file)
+            chars = 0
+            for path_text in itertools.islice(self._file_texts(path), self.max_docs_per_file):
+                if self.max_chars_per_file is not None and chars >= self.max_chars_per_file:
+                    break
+                chars += len(path_text[1])
+                yield path_text
 
     def __iter__(self):
         for path, text in itertools.islice(self._texts(), self.max_docs):
@@ -166,6 +173,9 @@ def parse_args():
     parser.add_argument("--max_docs", type=int, default=None, help="read at most this many usable documents")
     parser.add_argument("--max_docs_per_file", type=int, default=None,
                         help="read at most this many usable documents from each file (to mix sources)")
+    parser.add_argument("--max_chars_per_file", type=int, default=None,
+                        help="read documents from each file until it has given this many characters (to balance "
+                             "sources of different sizes by text, not by document count)")
     parser.add_argument("--eval_every", type=int, default=100, help="hold out every N-th document (0: none)")
     parser.add_argument("--eval_chars", type=int, default=1_000_000, help="cap on held-out characters")
     return parser.parse_args()
@@ -220,7 +230,8 @@ def main():
     tokenizer_dir = args.tokenizer_dir or default_dir
     files = expand_paths(args.data_path)
     print(f"training a {args.family} tokenizer on {len(files)} file(s): {', '.join(files)}")
-    corpus = Corpus(files, args.max_docs, args.eval_every, args.eval_chars, args.max_docs_per_file)
+    corpus = Corpus(files, args.max_docs, args.eval_every, args.eval_chars, args.max_docs_per_file,
+                    args.max_chars_per_file)
     stream = first_text_or_exit(corpus, len(files))
 
     start = time.time()

@@ -75,6 +75,27 @@ def load_tokenizer(path: str | os.PathLike | None = None, config: LMConfig | Non
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of a tokenizer's vocabulary (token -> id, added tokens included): the same for a transformers tokenizer
+    and a `tokenizers.Tokenizer` of the same tokenizer.json, different for a retrained one. data_process.py records
+    it in each token file, so a run can tell data made with another tokenizer from its own."""
+    import hashlib
+
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def check_data_tokenizer(header: dict, data_path, tokenizer, tokenizer_flag: str = "--tokenizer") -> None:
+    """Refuse a token file made with another tokenizer than this run's: its ids would mean other text (and its bits
+    per character would be wrong). Files from before the fingerprint was recorded pass unchecked."""
+    made_with = (header.get("meta") or {}).get("tokenizer") or {}
+    if not made_with.get("vocab_sha256") or made_with["vocab_sha256"] == vocab_fingerprint(tokenizer):
+        return
+    raise UsageError(f"{data_path} was tokenized with {made_with.get('path', 'another tokenizer')}, not with this "
+                     f"run's {tokenizer.name_or_path}: pass {tokenizer_flag} {made_with.get('path', 'DIR')} if that is "
+                     f"the model's tokenizer, else re-run data_process.py with --tokenizer {tokenizer.name_or_path}")
+
+
 def clean_state_dict(state: dict) -> dict:
     """Strip wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`) so keys are v1's."""
     out = {}

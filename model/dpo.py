@@ -35,6 +35,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .model import MiniMindForCausalLM
+from .optim import MuonInTrainer
 from .run_metrics import MetricsFile, holdout_split
 
 EVALS_PER_RUN = 10  # --eval_interval 0: about this many validation losses per run (plus one at the end)
@@ -123,7 +124,7 @@ def records_to_dataset(records: list[dict]) -> Dataset:
     return Dataset.from_dict({key: [r[key] for r in records] for key in ("prompt", "chosen", "rejected")})
 
 
-class MiniMindDPOTrainer(DPOTrainer):
+class MiniMindDPOTrainer(MuonInTrainer, DPOTrainer):
     """trl's DPOTrainer with MiniMind's tokenization of already-rendered chat strings, right-padding without an
     attention mask, and the MoE balance loss (see the module docstring)."""
 

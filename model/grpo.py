@@ -34,6 +34,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 from .dataset import DataFileError, iter_json_lines, validate_messages
 from .dpo import DPOLogLines, _dpo_modules
 from .engine import Engine
+from .optim import MuonInTrainer
 from .rewards import CALL_BLOCK, answer_is_correct, final_answer, reply_text
 from .rl_tools import run_tool_call, tool_schemas
 from .run_metrics import holdout_split
@@ -302,7 +303,7 @@ def held_out_accuracy(model, rollout: EngineRollout, dataset: Dataset | None, sa
     return scores
 
 
-class MiniMindGRPOTrainer(GRPOTrainer):
+class MiniMindGRPOTrainer(MuonInTrainer, GRPOTrainer):
     """trl's GRPOTrainer with our reference model, the MoE balance loss and the held-out accuracy."""
 
     def __init__(self, *args, ref_model=None, val_dataset: Dataset | None = None, accuracy_every: int = 0,

@@ -8,7 +8,9 @@ Mixture (`--mix NAME=WEIGHT ...`, `--max_doc_tokens N`, `--max_doc_chars N`):
   weight 1. A source's share of the epoch's tokens is then w * tokens / sum over sources of (w * tokens).
 - the length filters keep only documents of at most N tokens (counting their <s> and </s>) or N characters of
   text (the v1-like filter; it needs a token file that records characters, i.e. written by this version's
-  data_process.py). A hard cap is the design measured to help (v1's accidental <= 512 characters); softer
+  data_process.py). 1-pretrain.py keeps documents of <= 512 characters by default (--max_doc_chars 0: all), the
+  measured recipe; on a token file without character lengths that default is skipped with a note. A hard cap is
+  the design measured to help (v1's accidental <= 512 characters); softer
   down-weighting of long documents is what `--packing bos` already does: a document contributes at most one
   window's worth of tokens, its head.
 - the selection is fixed for the whole run (every epoch holds the same documents, in a new window order), so epoch
@@ -16,8 +18,8 @@ Mixture (`--mix NAME=WEIGHT ...`, `--max_doc_tokens N`, `--max_doc_chars N`):
   token file and the flags.
 
 The epoch's document stream lists the documents in file order, then (for weights above 1) a second pass over those
-repeated, and so on, so a repeated document never sits beside its own copy. With the default flags the stream
-is the file itself, and the windows are exactly today's.
+repeated, and so on, so a repeated document never sits beside its own copy. Without a mixture or a length
+filter (--max_doc_chars 0) the stream is the file itself, and the windows are exactly v1's.
 
 Packing:
 - `stream` (the default): window i is tokens [i*T, i*T + T + 1) of that stream; every token is a target once per
@@ -39,6 +41,17 @@ import numpy as np
 from .errors import UsageError
 
 PACKINGS = ("stream", "bos")
+
+
+class RecipeDefault(int):
+    """A flag's default value as given by the measured recipe, told apart from the same number typed by the user:
+    the default --max_doc_chars applies where a token file records characters and is skipped (with a note) where it
+    does not, while a typed one is required to apply."""
+
+
+# Measured by scripts/recipe_sweep.py (README "Recipe sweep"): at 400 steps x 16 windows of 256 on the real corpus,
+# keeping documents of <= 512 characters lowered held-out bits/char by 5.9%.
+DEFAULT_MAX_DOC_CHARS = RecipeDefault(512)
 POOL_SIZE = 1000  # documents the bos packer chooses among: more fits tighter but moves a document further
 
 
@@ -54,8 +67,9 @@ def add_mixture_args(parser) -> None:
                         "(0.5: a seeded half; 2: twice; unnamed sources: 1)")
     g.add_argument("--max_doc_tokens", type=int, default=None,
                    help="keep only documents of at most N tokens, their <s> and </s> included")
-    g.add_argument("--max_doc_chars", type=int, default=None,
-                   help="keep only documents of at most N characters of text (v1 kept <= 512)")
+    g.add_argument("--max_doc_chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
+                   help="keep only documents of at most N characters of text (default 512, as v1 kept and as "
+                        "measured best; 0 keeps every document)")
     g.add_argument("--packing", choices=PACKINGS, default="stream",
                    help="stream: windows cut the document stream anywhere; bos: every window starts at a document's "
                         "<s> and is filled best-fit with whole documents, cropping only its end")
@@ -63,7 +77,8 @@ def add_mixture_args(parser) -> None:
 
 def mixture_kwargs(args) -> dict:
     """The PretrainDataset keyword arguments for the flags `add_mixture_args` defines."""
-    return {"mix": parse_mix(args.mix), "max_doc_tokens": args.max_doc_tokens, "max_doc_chars": args.max_doc_chars,
+    max_doc_chars = args.max_doc_chars or None  # 0: every document
+    return {"mix": parse_mix(args.mix), "max_doc_tokens": args.max_doc_tokens, "max_doc_chars": max_doc_chars,
             "packing": args.packing, "seed": args.seed}
 
 
@@ -126,12 +141,28 @@ def length_filter(lengths: np.ndarray, doc_chars: np.ndarray | None, max_doc_tok
     if max_doc_tokens is not None:
         keep &= lengths <= max_doc_tokens
     if max_doc_chars is not None:
+        if doc_chars is None and isinstance(max_doc_chars, RecipeDefault):
+            return keep  # the default on a token file from before lengths were recorded: Mixture.describe says so
         if doc_chars is None:
             raise MixtureError(f"--max_doc_chars: {path} records no document lengths in characters (made before "
                                f"they were recorded); rebuild it with `python data_process.py pretrain ...` or use "
                                f"--max_doc_tokens")
         keep &= np.asarray(doc_chars) <= max_doc_chars
     return keep
+
+
+def filter_note(kept: np.ndarray, lengths: np.ndarray, has_chars: bool, max_doc_tokens: int | None,
+                max_doc_chars: int | None, path) -> str | None:
+    """The start-up line of the length filters: how much of the file they keep, or that the default did nothing."""
+    if max_doc_chars is not None and not has_chars and isinstance(max_doc_chars, RecipeDefault):
+        return (f"--max_doc_chars {max_doc_chars} (the default) not applied: {path} records no document lengths in "
+                f"characters; rebuild it with `python data_process.py pretrain ...` to apply it")
+    limits = [f"<= {n} {unit}" for n, unit in ((max_doc_tokens, "tokens"), (max_doc_chars, "characters")) if n]
+    if not limits:
+        return None
+    share = float(lengths[kept].sum()) / max(float(lengths.sum()), 1.0)
+    return (f"documents of {' and '.join(limits)}: kept {int(kept.sum()):,} of {len(kept):,} ({share:.1%} of the "
+            f"file's tokens); --max_doc_chars 0 keeps every document")
 
 
 def epoch_documents(counts: np.ndarray) -> np.ndarray:
@@ -266,6 +297,7 @@ class Mixture:
     names: list[str]
     documents: np.ndarray
     tokens: np.ndarray
+    filter_note: str | None = None  # what --max_doc_tokens/--max_doc_chars kept (or why the default did nothing)
 
     def describe(self, seq_len: int) -> list[str]:
         """Start-up lines: each source's share of the epoch, and for bos the share of tokens cropped away."""
@@ -290,15 +322,18 @@ def build_mixture(header: dict, arrays: dict, path, seq_len: int, mix: dict[str,
     lengths = np.diff(offsets)
     names, doc_source = source_table(header, arrays, path)
     counts = document_counts(len(lengths), doc_source, names, mix, seed, path)
-    counts *= length_filter(lengths, arrays.get("doc_chars"), max_doc_tokens, max_doc_chars, path)
+    kept = length_filter(lengths, arrays.get("doc_chars"), max_doc_tokens, max_doc_chars, path)
+    counts *= kept
+    note = filter_note(kept, lengths, arrays.get("doc_chars") is not None, max_doc_tokens, max_doc_chars, path)
     source = doc_source if doc_source is not None else np.zeros(len(lengths), dtype=np.int64)
     documents = np.bincount(source, weights=counts, minlength=len(names)).astype(np.int64)
     tokens = np.bincount(source, weights=counts * lengths, minlength=len(names)).astype(np.int64)
     docs = epoch_documents(counts)
     if len(docs) == 0 and len(lengths):
-        raise MixtureError(f"{path}: no document is left under --mix/--max_doc_tokens/--max_doc_chars; loosen them")
+        raise MixtureError(f"{path}: no document is left under these --mix/--max_doc_tokens/--max_doc_chars "
+                           f"values; loosen them (--max_doc_chars 0 keeps every document)")
     whole_file = len(docs) == len(lengths) and offsets[:1].sum() == 0 and (docs == np.arange(len(docs))).all()
     if packing == "stream" and whole_file:
-        return Mixture(None, names, documents, tokens)  # today's windows, read straight from the file
+        return Mixture(None, names, documents, tokens, note)  # today's windows, read straight from the file
     windows = (BosWindows if packing == "bos" else StreamWindows)(docs, lengths, seq_len)
-    return Mixture(windows, names, documents, tokens)
+    return Mixture(windows, names, documents, tokens, note)

@@ -61,15 +61,31 @@ def check_optim_args(args, deepspeed: bool) -> None:
 
 def refuse_loop_only_flags(args) -> None:
     """For the trl-driven stages (5-dpo_train.py, 6-grpo_train.py): they share add_train_args's flags but train
-    with trl's own optimizer, schedule and loss, so the flags only the shared loop honours are refused in one line
-    rather than ignored."""
-    given = [f"{flag} {value}" for flag, value, default in (("--optimizer", args.optimizer, "adamw"),
-                                                            ("--lr_schedule", args.lr_schedule, "cosine"),
+    with trl's own schedule and loss, so the flags only the shared loop honours are refused in one line rather than
+    ignored. --optimizer muon is theirs too (`MuonInTrainer`), but not under DeepSpeed, which would build its own."""
+    given = [f"{flag} {value}" for flag, value, default in (("--lr_schedule", args.lr_schedule, "cosine"),
                                                             ("--z_loss", args.z_loss, 0.0)) if value != default]
     if given:
         raise UsageError(f"{', '.join(given)}: only the shared training loop (1-pretrain.py, 3-full_sft.py, "
-                         f"4-lora_sft.py, 7-distill_train.py) has these; this stage trains with trl's AdamW and cosine "
-                         f"schedule, so drop them")
+                         f"4-lora_sft.py, 7-distill_train.py) has these; this stage trains with trl's cosine "
+                         f"schedule and loss, so drop them")
+    if args.optimizer == "muon" and args.deepspeed:
+        raise UsageError("--optimizer muon with --deepspeed: the trl stages take Muon under torchrun or one process "
+                         "only; drop --deepspeed, or use --optimizer adamw")
+
+
+class MuonInTrainer:
+    """Mixin for our trl trainers: with `muon_flags` set (the flags of an --optimizer muon run), `create_optimizer`
+    builds `MuonWithAdamW` over the model the Trainer trains (peft's wrapper included, so LoRA's adapters are what
+    Muon gets) instead of the Trainer's AdamW. The Trainer's cosine schedule then scales every group from its own
+    peak (--muon_lr, --learning_rate), as a LambdaLR does."""
+
+    muon_flags = None
+
+    def create_optimizer(self, model=None):
+        if self.muon_flags is not None and self.optimizer is None:
+            self.optimizer = make_muon(self.model if model is None else model, self.muon_flags, self.args.device.type)
+        return super().create_optimizer(model)
 
 
 def _check_deepspeed_muon(args) -> None:
@@ -197,18 +213,19 @@ def muon_split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[t
     return muon, adamw
 
 
-class MuonWithAdamW:
-    """Muon on the hidden matrices and AdamW on the rest, stepped together and seen by the training loop as one
-    optimizer: `param_groups` (Muon's first, marked use_muon=True), `step`, `zero_grad`, `state_dict`,
-    `load_state_dict`. GradScaler works with it as with any optimizer: it unscales the grads of `param_groups` and
-    calls `step()` only when they are finite."""
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon on the hidden matrices and AdamW on the rest, stepped together as one torch optimizer: `param_groups`
+    (Muon's first, marked use_muon=True), `step`, `zero_grad`, `state_dict`, `load_state_dict`. Its param groups are
+    the two inner optimizers' own dicts, so an LR set on them (by our loop, or by a torch/transformers scheduler,
+    which needs a real `Optimizer`) is the LR they step with. GradScaler works with it as with any optimizer: it
+    unscales the grads of `param_groups` and calls `step()` only when they are finite."""
 
     def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.muon.param_groups + self.adamw.param_groups
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+        # Optimizer.__init__ keeps the group dicts it is given (re-listing their params in place), so they stay the
+        # inner optimizers' own.
+        assert all(a is b for a, b in zip(self.param_groups, muon.param_groups + adamw.param_groups))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -233,6 +250,8 @@ class MuonWithAdamW:
                                   "resume it with --optimizer adamw")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+        # torch's load_state_dict gives each inner optimizer new group dicts: share those again.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
 
 
 def make_muon(model: nn.Module, args, device_type: str) -> MuonWithAdamW:

@@ -33,13 +33,14 @@ from .checkpoint import (
     ROOT_DIR,
     CheckpointError,
     atomic_save,
+    check_data_tokenizer,
     clean_state_dict,
     default_device,
     default_dtype_name,
     save_weights,
     torch_load_checked,
 )
-from .dataset import ShardedSampler
+from .dataset import DataFileError, ShardedSampler, read_token_file_header
 from .errors import UsageError
 from .model import real_tokens
 from .optim import (
@@ -380,6 +381,16 @@ def text_counts(tokenizer, train_set, dataset, val_idx: list[int]) -> tuple[Text
     train = count_text(train_set, _evenly_spaced(range(len(train_set)), TRAIN_TEXT_SAMPLE), tokenizer)
     val = count_text(dataset, _evenly_spaced(val_idx, MAX_VAL_TEXT_ITEMS), tokenizer) if val_idx else None
     return (train if train.chars else None), (val if val is not None and val.chars else None)
+
+
+def _check_data_tokenizer(data_path, tokenizer) -> None:
+    """A token file (data_process.py's output) records the tokenizer that made it: it must be this run's."""
+    try:
+        header = read_token_file_header(data_path) if data_path else None
+    except DataFileError:  # not a token file (jsonl read directly): nothing recorded to compare
+        return
+    if header is not None:
+        check_data_tokenizer(header, data_path, tokenizer)
 
 
 def _text_counts_note(counts: tuple[TextCount | None, TextCount | None]) -> str:
@@ -833,6 +844,24 @@ def _param_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
+# The flags that decide which windows an epoch holds and in what order: a resumed run with others would go on over
+# other windows without a word. Absent (a resume file from before the flag, or a stage without it) is not compared.
+RESUME_DATA_FLAGS = ("mix", "max_doc_tokens", "max_doc_chars", "packing", "seed", "max_seq_len")
+
+
+def _check_resume_data_flags(ckpt, saved: dict, args) -> None:
+    def shown(value) -> str:  # as typed on the command line; 0 and None both mean "no limit"
+        if isinstance(value, (list, tuple)):
+            return " ".join(map(str, value))
+        return "0" if value is None else str(value)
+
+    for flag in RESUME_DATA_FLAGS if args is not None else ():
+        if flag in saved and hasattr(args, flag) and shown(saved[flag] or None) != shown(getattr(args, flag) or None):
+            raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with --{flag} {shown(saved[flag] or None)}"
+                                  f", this run has --{flag} {shown(getattr(args, flag) or None)}; resume with the "
+                                  f"run's own --{flag} (others would give other windows)")
+
+
 def _resume(ckpt, state: dict, model, optimizer, scaler, strict: bool, args=None) -> tuple[int, list, str | None]:
     """Restore model, optimizer, scaler and RNG from the loaded resume file; (step, history, wandb run id)."""
     saved_cfg, cfg = state.get("config") or {}, json.loads(json.dumps(_model_config(model), default=str))
@@ -840,6 +869,7 @@ def _resume(ckpt, state: dict, model, optimizer, scaler, strict: bool, args=None
         if key in saved_cfg and key in cfg and saved_cfg[key] != cfg[key]:
             raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with {key}={saved_cfg[key]}, "
                                   f"this run has {key}={cfg[key]}")
+    _check_resume_data_flags(ckpt, state.get("args") or {}, args)
     saved_optimizer = (state.get("args") or {}).get("optimizer", "adamw")  # files from before --optimizer: AdamW
     if args is not None and saved_optimizer != args.optimizer:
         raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with --optimizer {saved_optimizer}, this "
@@ -1007,6 +1037,8 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     print0(log_interval_note(interval))
     print0(_validation_note(len(val_idx), len(dataset), every))
     counts = (None, None)
+    if tokenizer is not None:
+        _check_data_tokenizer(args.data_path, tokenizer)
     if tokenizer is not None and rt.is_master:  # only rank 0 writes the lines that carry bpc
         counts = text_counts(tokenizer, train_set, dataset, val_idx)
         print0(_text_counts_note(counts))

@@ -26,7 +26,7 @@ def is_master() -> bool:
 def trainer_fields(args, device: str, output_dir: Path, run_name: str, logging_steps: int,
                    activation_checkpointing: bool = False) -> dict:
     """TrainingArguments fields from the shared training flags (model/train_utils.add_train_args)."""
-    refuse_loop_only_flags(args)  # trl brings its own AdamW and schedule: --optimizer muon etc. would do nothing
+    refuse_loop_only_flags(args)  # trl brings its own schedule: --lr_schedule and --z_loss would do nothing
     # transformers 5 renamed gradient_checkpointing and warns on the old name, which transformers 4 still needs.
     name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
@@ -58,6 +58,11 @@ def trainer_fields(args, device: str, output_dir: Path, run_name: str, logging_s
         disable_tqdm=True,
         **{name: activation_checkpointing},
     )
+
+
+def choose_optimizer(trainer, args) -> None:
+    """--optimizer muon: the trainer (a `MuonInTrainer`) builds Muon + AdamW instead of its AdamW."""
+    trainer.muon_flags = args if args.optimizer == "muon" else None
 
 
 def quiet(trainer, log_callback) -> None:

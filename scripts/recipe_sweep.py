@@ -11,7 +11,8 @@ its own flags (`name:flags`; a leading `tokenizer=DIR` tokenizes the corpus with
 checkpoint then scores the held-out text with report_card.score_texts: bits per character, which compares across
 tokenizers. The held-out text is the last --heldout_n answers of an SFT file (general Chinese no pretraining
 document contains) or any jsonl/txt file report.py reads. Writes {out}/sweep.md, sweep.json and sweep.png (each
-run's validation bits/char curve from its metrics file).
+run's validation bits/char curve from its metrics file). Runs already in {out}/sweep.json with the same budget
+and held-out text stay in the table (a run of the same name is measured again), so a sweep can grow in steps.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.checkpoint import TOKENIZER_DIR, atomic_open, load_model, load_tokenizer, read_checkpoint  # noqa: E402
+from model.checkpoint import (  # noqa: E402
+    TOKENIZER_DIR,
+    atomic_open,
+    load_model,
+    load_tokenizer,
+    read_checkpoint,
+    vocab_fingerprint,
+)
 from model.errors import UsageError, exit_on_usage_error  # noqa: E402
 from model.report_card import read_texts, score_texts  # noqa: E402
 
@@ -88,8 +96,9 @@ def heldout_texts(path: str, n: int) -> list[str]:
 
 
 def tokenized_corpus(args, tokenizer: Path, out: Path) -> Path:
-    """The corpus as a token file for one tokenizer (made once per tokenizer)."""
-    path = out / f"corpus_{tokenizer.name}.bin"
+    """The corpus as a token file for one tokenizer (made once per tokenizer: named by its vocabulary, so a
+    retrained tokenizer in the same folder gets its own)."""
+    path = out / f"corpus_{tokenizer.name}_{vocab_fingerprint(load_tokenizer(tokenizer))[:12]}.bin"
     if not path.exists():
         import data_process  # a real module (not loaded from a path): its worker processes pickle its functions
 
@@ -104,7 +113,7 @@ def run_one(args, spec: str, texts: list[str], out: Path) -> dict:
              args.n_kv_heads, "--max_seq_len", args.max_seq_len]
     argv = [*shape, "--data_path", data, "--out_dir", run_dir, "--images_dir", run_dir, "--max_steps", args.steps,
             "--batch_size", args.batch_size, "--val_fraction", args.val_fraction,
-            *(["--device", args.device] if args.device else []), *flags]
+            "--tokenizer", tokenizer, *(["--device", args.device] if args.device else []), *flags]
     start = time.time()
     script_main("1-pretrain.py")([str(a) for a in argv])
     seconds = time.time() - start
@@ -162,6 +171,28 @@ def write_outputs(rows: list[dict], args, out: Path) -> str:
     return table
 
 
+BUDGET_KEYS = ("corpus", "heldout", "heldout_n", "steps", "batch_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+               "max_seq_len", "val_fraction")
+
+
+def earlier_rows(args, out: Path) -> list[dict]:
+    """Rows of an earlier sweep in the same --out folder, kept so a sweep grows run by run; only when its budget and
+    held-out text are this one's, since otherwise the figures would not compare."""
+    path = out / "sweep.json"
+    if not path.exists():
+        return []
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        settings, rows = earlier["settings"], earlier["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a recipe_sweep.py result ({e}); move it away or pick another --out") from None
+    differ = [k for k in BUDGET_KEYS if settings.get(k) != vars(args)[k]]
+    if differ:
+        raise UsageError(f"{path} was measured with other {', '.join('--' + k for k in differ)}; its rows would not "
+                         "compare with this sweep's: use the same settings or another --out")
+    return rows
+
+
 @exit_on_usage_error
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -170,7 +201,8 @@ def main(argv=None) -> int:
     for spec in args.runs:
         parse_run(spec)  # every spec checked before the first run starts
     texts = heldout_texts(args.heldout, args.heldout_n)
-    rows = []
+    names = [parse_run(spec)[0] for spec in args.runs]
+    rows = [r for r in earlier_rows(args, out) if r["name"] not in names]
     for spec in args.runs:  # the files are rewritten after every run: a long sweep stopped early keeps its rows
         rows.append(run_one(args, spec, texts, out))
         table = write_outputs(rows, args, out)

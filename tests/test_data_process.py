@@ -219,3 +219,33 @@ def test_sft_ids_past_uint16_round_trip(tmp_path, big_tok_dir):
     item = SFTDataset(tmp_path / "s.bin", max_seq_len=16)[0]
     assert item["input_ids"].tolist() == ids + [0] * 6
     assert item["labels"].tolist() == [-100] * 7 + [70002, 65536, 2] + [-100] * 6
+
+
+def test_token_files_record_their_tokenizer_and_training_refuses_another(tmp_path, tok_dir, capsys):
+    """The vocabulary fingerprint in the header stops a run from reading ids made by another tokenizer (here: the
+    tokenizer bundled before the general-purpose retrain) as if they were its own."""
+    from pipeline_helpers import script_main
+
+    from model.checkpoint import PACKAGE_DIR, vocab_fingerprint
+    from model.dataset import read_token_file_header
+
+    old = PACKAGE_DIR / "minimind_tokenizer_v0"
+    src = write_jsonl(tmp_path / "p.jsonl", [{"text": "长江是中国最长的河流。" * 4}] * 40)
+    assert data_process.main(["pretrain", "--input", str(src), "--output", str(tmp_path / "p.bin"), "--tokenizer",
+                              str(old), "--workers", "1"]) == 0
+    made_with = read_token_file_header(tmp_path / "p.bin")["meta"]["tokenizer"]
+    assert made_with == {"path": str(old), "vocab_sha256": vocab_fingerprint(load_tokenizer(old))}
+    assert made_with["vocab_sha256"] != vocab_fingerprint(load_tokenizer())
+    from tokenizers import Tokenizer  # the same tokenizer read by the tokenizers library: the same fingerprint
+    assert vocab_fingerprint(Tokenizer.from_file(str(old / "tokenizer.json"))) == made_with["vocab_sha256"]
+
+    run = ["--dim", "64", "--n_layers", "1", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "16",
+           "--data_path", str(tmp_path / "p.bin"), "--out_dir", str(tmp_path / "out"), "--images_dir", str(tmp_path),
+           "--device", "cpu", "--num_workers", "0", "--batch_size", "2", "--max_steps", "1", "--val_fraction", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        script_main("1-pretrain.py")(run)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.count("\n") == 0
+    assert f"was tokenized with {old}, not with this run's" in err and f"pass --tokenizer {old}" in err
+    script_main("1-pretrain.py")([*run, "--tokenizer", str(old)])  # its own tokenizer: trains
+    assert (tmp_path / "out" / "pretrain_64.pth").is_file()

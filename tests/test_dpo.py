@@ -6,6 +6,7 @@ The margin is measured independently of trl, with plain full-logit log-probs (`m
 import copy
 import inspect
 import math
+import types
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from model.checkpoint import load_tokenizer
 from model.dpo import MiniMindDPOTrainer, MiniMindForTRL, records_to_dataset, sequence_logps, tokenize_pair
 from model.lora import lora_config
 from model.model import MiniMindForCausalLM
+from model.optim import MuonWithAdamW
 
 MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
 
@@ -190,3 +192,21 @@ def test_moe_balance_loss_joins_the_dpo_loss_and_the_logs(tmp_path, tok):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(h["aux_loss"] > 0 for h in logs)
     assert abs(logs[0]["loss"] - (math.log(2) + logs[0]["aux_loss"])) < 1e-4  # step 1: ln 2 plus the balance loss
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_dpo_with_muon_steps_both_groups_at_their_own_lr(tmp_path, tok, use_lora):
+    """--optimizer muon in trl: the Trainer's optimizer is our Muon + AdamW (LoRA: Muon on the adapters), its
+    scheduler drives both groups' LRs, and DPO still learns."""
+    trainer = make_trainer(tmp_path, tok, use_lora)
+    trainer.muon_flags = types.SimpleNamespace(muon_lr=0.02, muon_weight_decay=0.0, learning_rate=5e-3,
+                                               weight_decay=0.0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(QA))])
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around ours
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon_params = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
+    names = [n for n, p in trainer.model.named_parameters() if id(p) in muon_params]
+    assert names and all(("lora_" in n) == use_lora and "tok_embeddings" not in n for n in names)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02] + [5e-3] * (len(optimizer.param_groups) - 1)
+    assert margin(trainer, batch, use_lora) > 0.5

@@ -16,6 +16,7 @@ from pipeline_helpers import script_main
 from model.arithmetic import make_problems, write_jsonl_atomic
 
 START = ROOT / "tests" / "data" / "grpo_start_64.pth"
+TOKENIZER = ROOT / "model" / "minimind_tokenizer_v0"  # the one the start was trained with (make_grpo_start.py)
 
 
 def test_forty_grpo_steps_beat_the_sft_start_on_held_out_prompts(tmp_path):
@@ -33,7 +34,7 @@ def run_grpo(tmp_path) -> list[dict]:
     argv = ["--init", START, "--data_path", tmp_path / "rl.jsonl", "--out_dir", tmp_path, "--images_dir", tmp_path,
             "--device", "cpu", "--max_steps", "40", "--batch_size", "64", "--num_generations", "8",
             "--max_completion_length", "40", "--learning_rate", "1e-3", "--val_fraction", "0.2",
-            "--eval_interval", "40", "--seed", "0"]
+            "--eval_interval", "40", "--seed", "0", "--tokenizer", TOKENIZER]
     script_main("6-grpo_train.py", "grpo_train_improves")([str(a) for a in argv])
     metrics = (tmp_path / "grpo_64_metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in metrics]

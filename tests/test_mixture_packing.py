@@ -230,3 +230,46 @@ def test_unknown_mix_source_is_a_one_line_error_from_the_script(tmp_path, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "its sources are: a.jsonl, b.jsonl" in err
+
+
+def mixture_flags(*argv):
+    import argparse
+
+    from model.mixture import add_mixture_args, mixture_kwargs
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)  # add_train_args's
+    add_mixture_args(parser)
+    return mixture_kwargs(parser.parse_args(list(argv)))
+
+
+def test_default_keeps_documents_of_at_most_512_characters_and_says_so(tmp_path):
+    by_source = sourced_docs({"a.jsonl": 3}, max_len=20)
+    path, docs = write_sourced_file(tmp_path / "p.bin", by_source, chars=[100, 600, 512])
+    default = PretrainDataset(path, 8, **mixture_flags())
+    assert default.mixture.documents.tolist() == [2]
+    share = (len(docs[0]) + len(docs[2])) / sum(map(len, docs))
+    assert default.mixture.filter_note == (f"documents of <= 512 characters: kept 2 of 3 ({share:.1%} of the file's "
+                                           "tokens); --max_doc_chars 0 keeps every document")
+    every = PretrainDataset(path, 8, **mixture_flags("--max_doc_chars", "0"))
+    assert every.windows is None and every.mixture.filter_note is None and len(every) == len(
+        PretrainDataset(path, 8))
+    # a token file from before character lengths were recorded: the default is skipped with a note, a typed value
+    # (even the same number) is an error
+    old = write_token_file(tmp_path / "old.bin", [[BOS, *range(10, 30), EOS], [BOS, 5, 6, EOS]])
+    skipped = PretrainDataset(old, 8, **mixture_flags())
+    assert skipped.windows is None and len(skipped) == 3
+    assert "--max_doc_chars 512 (the default) not applied" in skipped.mixture.filter_note
+    with pytest.raises(MixtureError, match="records no document lengths in characters"):
+        PretrainDataset(old, 8, **mixture_flags("--max_doc_chars", "512"))
+
+
+def test_resume_refuses_other_data_flags(tmp_path, capsys):
+    path, _ = write_sourced_file(tmp_path / "p.bin", sourced_docs({"a.jsonl": 40}, max_len=30))
+    run = [*TINY, "--data_path", str(path), "--out_dir", str(tmp_path / "out"), "--images_dir", str(tmp_path),
+           "--device", "cpu", "--num_workers", "0", "--batch_size", "2", "--max_steps", "2", "--val_fraction", "0"]
+    script_main("1-pretrain.py")(run)
+    with pytest.raises(SystemExit) as exit_:
+        script_main("1-pretrain.py")([*run, "--resume", "--max_doc_chars", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "was trained with --max_doc_chars 512, this run has --max_doc_chars 0" in err

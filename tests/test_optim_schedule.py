@@ -118,8 +118,11 @@ def test_muon_flags_refused_in_one_line(tmp_path, corpus, monkeypatch):
     with pytest.raises(UsageError, match="has no Muon optimizer"):
         optim.check_optim_args(muon_args(tmp_path, "--grad_clip", "0"), deepspeed=True)
     optim.refuse_loop_only_flags(make_args(tmp_path))  # the trl stages: defaults pass ...
-    with pytest.raises(UsageError, match="^--optimizer muon, --z_loss 0.1: only the shared training loop"):
-        optim.refuse_loop_only_flags(muon_args(tmp_path, "--z_loss", "0.1"))  # ... the loop's own flags do not
+    optim.refuse_loop_only_flags(muon_args(tmp_path))  # ... and so does Muon (the trainers build it) ...
+    with pytest.raises(UsageError, match="^--lr_schedule wsd, --z_loss 0.1: only the shared training loop"):
+        optim.refuse_loop_only_flags(muon_args(tmp_path, "--z_loss", "0.1", "--lr_schedule", "wsd"))  # ... these not
+    with pytest.raises(UsageError, match="^--optimizer muon with --deepspeed: the trl stages take Muon under torchrun"):
+        optim.refuse_loop_only_flags(muon_args(tmp_path, "--deepspeed", "ds_config_zero2.json"))
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(UsageError, match=r"needs torch.optim.Muon \(torch 2.9 or later\)"):
         optim.check_optim_args(muon_args(tmp_path), deepspeed=False)

@@ -43,3 +43,12 @@ def test_two_runs_side_by_side_in_bits_per_char(tmp_path):
             nll -= float(logp.gather(-1, ids[:, 1:, None]).sum())
             chars += len(tok.decode(ids[0, 1:]))
     assert report["runs"][1]["heldout_bpc"] == pytest.approx(nll / math.log(2) / chars, rel=1e-4)
+
+    # a sweep grows: another run in the same --out keeps the earlier rows; other settings are refused
+    argv_more = [*argv[:argv.index("--runs")], "--runs", "linear:--lr_schedule linear", *argv[argv.index("--steps"):]]
+    assert sweep.main(argv_more) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text(encoding="utf-8"))
+    assert [r["name"] for r in report["runs"]] == ["cosine", "wsd", "linear"]
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main([*argv_more[:argv_more.index("--steps")], "--steps", "4", *argv_more[argv_more.index("--steps") + 2:]])
+    assert exit_.value.code == 2

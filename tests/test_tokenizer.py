@@ -190,3 +190,21 @@ def test_script_minimind3_family(tmp_path):
     assert trained.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                        add_generation_prompt=True) == \
         "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_corpus_balances_sources_by_characters(tmp_path):
+    """--max_chars_per_file: each file gives documents until it has given the cap (the document crossing it is the
+    last one), so a large pretraining file and a small SFT file contribute about the same text."""
+    spec = importlib.util.spec_from_file_location("train_tokenizer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    big, small = tmp_path / "big.jsonl", tmp_path / "sft.jsonl"
+    big.write_text("".join(json.dumps({"text": "长" * 100}) + "\n" for _ in range(50)), encoding="utf-8")
+    small.write_text("".join(json.dumps({"input": "问" * 20, "output": "答" * 29}) + "\n" for _ in range(50)),
+                     encoding="utf-8")  # 20 + "\n" + 29 = 50 characters per dialogue
+    corpus = module.Corpus([str(big), str(small)], eval_every=0, max_chars_per_file=1000)
+    texts = list(corpus)
+    assert texts.count("长" * 100) == 10 and texts.count("问" * 20 + "\n" + "答" * 29) == 20
+    assert corpus.train_chars == 2000
+    uncapped = module.Corpus([str(big), str(small)], eval_every=0)
+    assert len(list(uncapped)) == 100
