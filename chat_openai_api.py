@@ -45,11 +45,8 @@ def main(argv=None) -> int:
 
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    options = {"temperature": args.temperature}
-    if args.top_p is not None:
-        options["top_p"] = args.top_p
-    if args.max_tokens is not None:
-        options["max_tokens"] = args.max_tokens
+    options = {"temperature": args.temperature, **{key: value for key, value in (
+        ("top_p", args.top_p), ("max_tokens", args.max_tokens)) if value is not None}}
     interactive = sys.stdin.isatty()
     print(f"chatting with {model} at {args.base_url}; /clear forgets the conversation, /exit quits")
     while True:

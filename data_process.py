@@ -457,6 +457,11 @@ def make_sink(args, out: Path, dedup: bool, num_perm: int):
     return DPOSink(out), dpo_chunk
 
 
+def tokenizer_record(tokenizer_dir) -> dict:
+    """What the token file's header says made it (the training scripts compare the fingerprint with theirs)."""
+    return {"path": str(tokenizer_dir), "vocab_sha256": vocab_fingerprint(load_tokenizer(tokenizer_dir))}
+
+
 @exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
@@ -498,8 +503,7 @@ def main(argv=None):
             sys.exit(f"error: no usable {args.stage} records in {', '.join(map(str, paths))}; "
                      f"{len(bad)} malformed line(s), first: {where}. Nothing was written.")
         meta = {"sources": [p.name for p in paths], "summary": sink.summary(), "malformed_lines": len(bad),
-                "tokenizer": {"path": str(args.tokenizer), "vocab_sha256": vocab_fingerprint(load_tokenizer(
-                    args.tokenizer))}}
+                "tokenizer": tokenizer_record(args.tokenizer)}
         if args.stage == "pretrain":
             meta["source_names"] = sink.source_names
         sink.writer.close(meta=meta)

@@ -57,27 +57,13 @@ class LMConfig(PretrainedConfig):
         moe_hidden_dim: int | None = None,
         **kwargs,
     ):
-        self.dim = dim
-        self.n_layers = n_layers
-        self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads
-        self.vocab_size = vocab_size
-        self.hidden_dim = hidden_dim
-        self.multiple_of = multiple_of
-        self.norm_eps = norm_eps
-        self.max_seq_len = max_seq_len
-        self.dropout = dropout
-        self.flash_attn = flash_attn
-        self.use_moe = use_moe
-        self.num_experts_per_tok = num_experts_per_tok
-        self.n_routed_experts = n_routed_experts
-        self.n_shared_experts = n_shared_experts
-        self.scoring_func = scoring_func
-        self.aux_loss_alpha = aux_loss_alpha
-        self.seq_aux = seq_aux
-        self.norm_topk_prob = norm_topk_prob
-        self.rope_theta = rope_theta
-        self.rope_scaling_factor = rope_scaling_factor
+        self.dim, self.n_layers, self.n_heads, self.n_kv_heads = dim, n_layers, n_heads, n_kv_heads
+        self.vocab_size, self.hidden_dim, self.multiple_of, self.norm_eps = vocab_size, hidden_dim, multiple_of, norm_eps
+        self.max_seq_len, self.dropout, self.flash_attn = max_seq_len, dropout, flash_attn
+        self.use_moe, self.num_experts_per_tok, self.n_routed_experts = use_moe, num_experts_per_tok, n_routed_experts
+        self.n_shared_experts, self.scoring_func, self.aux_loss_alpha = n_shared_experts, scoring_func, aux_loss_alpha
+        self.seq_aux, self.norm_topk_prob = seq_aux, norm_topk_prob
+        self.rope_theta, self.rope_scaling_factor = rope_theta, rope_scaling_factor
         self._set_family_fields(head_dim, qk_norm, rope_layout, yarn, max_position_embeddings, moe_hidden_dim)
         # v1 ties the output projection to the token embedding; token ids match the bundled tokenizer.
         kwargs.setdefault("tie_word_embeddings", True)

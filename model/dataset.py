@@ -21,6 +21,8 @@ training accepts.
   the sample start) with `turn_offsets` (uint64, n + 1) into it.
 
 `tokens` is uint16 when the vocabulary fits, else uint32 (`token_dtype`); readers take the dtype from the header.
+meta["tokenizer"] = {"path", "vocab_sha256"} names the tokenizer that made the file (model.checkpoint's
+`vocab_fingerprint`); the training loop refuses the file under another tokenizer. Older files have none.
 """
 
 from __future__ import annotations

@@ -82,10 +82,11 @@ class MuonInTrainer:
 
     muon_flags = None
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, *args, **kwargs):  # transformers 5 passes an optional model; 4.x passes nothing
         if self.muon_flags is not None and self.optimizer is None:
-            self.optimizer = make_muon(self.model if model is None else model, self.muon_flags, self.args.device.type)
-        return super().create_optimizer(model)
+            model = (args[0] if args else kwargs.get("model")) or self.model
+            self.optimizer = make_muon(model, self.muon_flags, self.args.device.type)
+        return super().create_optimizer(*args, **kwargs)
 
 
 def _check_deepspeed_muon(args) -> None:

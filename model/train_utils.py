@@ -983,9 +983,12 @@ class _Run:
     step_callback: object = None
 
 
-def _check_loop_flags(args, rt: Runtime, model) -> None:
-    """One-line refusals of flag combinations the loop cannot honour, before any work."""
+def _check_loop_flags(args, rt: Runtime, model, tokenizer) -> None:
+    """One-line refusals of flag combinations the loop cannot honour (and of data made with another tokenizer than
+    the run's), before any work."""
     check_optim_args(args, deepspeed=bool(rt.deepspeed_config))
+    if tokenizer is not None:
+        _check_data_tokenizer(args.data_path, tokenizer)
     if args.z_loss < 0:
         raise UsageError(f"--z_loss must be >= 0 (0: off), got {args.z_loss}")
     if args.z_loss and not getattr(model, "supports_z_loss", False):
@@ -1009,7 +1012,7 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     the metrics file, from characters per token counted once at start-up (`text_counts`); without it, none.
     """
     run_name = run_name or weights_name
-    _check_loop_flags(args, rt, model)
+    _check_loop_flags(args, rt, model, tokenizer)
     model.to(rt.device)
     ckpt = CheckpointManager(args.out_dir, weights_name, rt.is_master, save_state_dict_fn)
     state = ckpt.load() if args.resume else None
@@ -1037,8 +1040,6 @@ def train(args, rt: Runtime, model: torch.nn.Module, dataset, weights_name: str,
     print0(log_interval_note(interval))
     print0(_validation_note(len(val_idx), len(dataset), every))
     counts = (None, None)
-    if tokenizer is not None:
-        _check_data_tokenizer(args.data_path, tokenizer)
     if tokenizer is not None and rt.is_master:  # only rank 0 writes the lines that carry bpc
         counts = text_counts(tokenizer, train_set, dataset, val_idx)
         print0(_text_counts_note(counts))

@@ -298,3 +298,18 @@ def test_z_loss_refused_where_the_stage_computes_its_own_loss(tmp_path, corpus):
     with pytest.raises(UsageError, match="--z_loss must be >= 0"):
         train(args, compute_init(args), fresh_model(), corpus, "pretrain_64")
     assert MiniMindForCausalLM.supports_z_loss
+
+
+def test_pretraining_defaults_are_the_measured_recipe():
+    """1-pretrain.py's defaults are the recipe sweep's winner (README "Recipe sweep"); SFT keeps cosine at its own LR."""
+    from pipeline_helpers import script_main
+
+    pretrain = script_main("1-pretrain.py").__wrapped__.__globals__["parser"].parse_args([])
+    assert (pretrain.optimizer, pretrain.learning_rate, pretrain.lr_schedule, pretrain.warmup_iters) == \
+        ("adamw", 1e-3, "wsd", 100)
+    assert (pretrain.max_doc_chars, pretrain.packing, pretrain.tokenizer) == (512, "stream", None)
+    sft_globals = script_main("3-full_sft.py").__wrapped__.__globals__
+    import argparse
+    parser = argparse.ArgumentParser()
+    sft_globals["add_train_args"](parser, learning_rate=1e-4)
+    assert parser.parse_args([]).lr_schedule == "cosine"
