@@ -1,9 +1,9 @@
 """Equal-compute pretraining recipes side by side, scored in bits per character on held-out general text.
 
     python scripts/recipe_sweep.py --corpus ../shared/data/pretrain_zh-0*.jsonl.gz --heldout ../shared/data/sft_zh.jsonl.gz
-    python scripts/recipe_sweep.py --corpus ... --heldout ... --runs "stream:" "short:--max_doc_chars 512" \\
-        "bos-short:--packing bos --max_doc_chars 512" "muon:--optimizer muon" "wsd:--lr_schedule wsd"
-    python scripts/recipe_sweep.py ... --runs "v1-tokenizer:tokenizer=path/to/v1_tokenizer"   # retokenizes for it
+    python scripts/recipe_sweep.py --corpus ... --heldout ... --runs "recipe:" "all-documents:--max_doc_chars 0" \\
+        "bos:--packing bos" "muon:--optimizer muon" "cosine:--lr_schedule cosine --learning_rate 5e-4"
+    python scripts/recipe_sweep.py ... --runs "v0-tokenizer:tokenizer=model/minimind_tokenizer_v0"   # retokenizes
     python scripts/recipe_sweep.py ... --steps 400 --batch_size 16 --dim 256 --n_layers 4 --max_seq_len 256
 
 Every run is `1-pretrain.py` with the same shape and budget (--steps x --batch_size windows of --max_seq_len) plus
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--corpus", nargs="+", required=True, help="raw pretraining jsonl(.gz), as data_process.py reads")
     p.add_argument("--heldout", required=True, help="SFT jsonl(.gz) (its last answers are held out) or a text file")
     p.add_argument("--heldout_n", type=int, default=500, help="SFT answers held out")
-    p.add_argument("--runs", nargs="+", default=["stream:", "short:--max_doc_chars 512"], help="name:flags ...")
+    p.add_argument("--runs", nargs="+", default=["recipe:", "all-documents:--max_doc_chars 0"], help="name:flags ...")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--dim", type=int, default=256)
@@ -147,6 +147,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # distinct colours for up to 20 runs (the default cycle has 10)
     for r in rows:
         if r["val_bpc_curve"]:
             ax.plot(*zip(*r["val_bpc_curve"]), marker="o", markersize=3, label=f"{r['name']} ({r['heldout_bpc']:.3f})")
