@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.arithmetic import KINDS, write_sets
-from model.checkpoint import TOKENIZER_DIR, load_tokenizer, vocab_fingerprint
+from model.checkpoint import TOKENIZER_DIR, vocab_fingerprint
 from model.dataset import (
     BLANK,
     TokenFileWriter,
@@ -286,11 +286,16 @@ def dpo_chunk(chunk):
 # sinks: collect worker results into the output file
 
 
-def tokenizer_vocab_size(tokenizer_dir: str) -> int:
-    """How many token ids the tokenizer can produce (added tokens included), which sizes the `tokens` dtype."""
+def read_tokenizer_file(tokenizer_dir: str):
+    """The folder's tokenizer.json through the tokenizers library (quicker than transformers, enough here)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+
+
+def tokenizer_vocab_size(tokenizer_dir: str) -> int:
+    """How many token ids the tokenizer can produce (added tokens included), which sizes the `tokens` dtype."""
+    return read_tokenizer_file(tokenizer_dir).get_vocab_size(with_added_tokens=True)
 
 
 class PretrainSink:
@@ -459,7 +464,7 @@ def make_sink(args, out: Path, dedup: bool, num_perm: int):
 
 def tokenizer_record(tokenizer_dir) -> dict:
     """What the token file's header says made it (the training scripts compare the fingerprint with theirs)."""
-    return {"path": str(tokenizer_dir), "vocab_sha256": vocab_fingerprint(load_tokenizer(tokenizer_dir))}
+    return {"path": str(tokenizer_dir), "vocab_sha256": vocab_fingerprint(read_tokenizer_file(tokenizer_dir))}
 
 
 @exit_on_usage_error

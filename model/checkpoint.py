@@ -85,14 +85,14 @@ def vocab_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def check_data_tokenizer(header: dict, data_path, tokenizer, tokenizer_flag: str = "--tokenizer") -> None:
+def check_data_tokenizer(header: dict, data_path, tokenizer) -> None:
     """Refuse a token file made with another tokenizer than this run's: its ids would mean other text (and its bits
     per character would be wrong). Files from before the fingerprint was recorded pass unchecked."""
     made_with = (header.get("meta") or {}).get("tokenizer") or {}
     if not made_with.get("vocab_sha256") or made_with["vocab_sha256"] == vocab_fingerprint(tokenizer):
         return
     raise UsageError(f"{data_path} was tokenized with {made_with.get('path', 'another tokenizer')}, not with this "
-                     f"run's {tokenizer.name_or_path}: pass {tokenizer_flag} {made_with.get('path', 'DIR')} if that is "
+                     f"run's {tokenizer.name_or_path}: pass --tokenizer {made_with.get('path', 'DIR')} if that is "
                      f"the model's tokenizer, else re-run data_process.py with --tokenizer {tokenizer.name_or_path}")
 
 

@@ -141,8 +141,6 @@ def length_filter(lengths: np.ndarray, doc_chars: np.ndarray | None, max_doc_tok
     if max_doc_tokens is not None:
         keep &= lengths <= max_doc_tokens
     if max_doc_chars is not None:
-        if doc_chars is None and isinstance(max_doc_chars, RecipeDefault):
-            return keep  # the default on a token file from before lengths were recorded: Mixture.describe says so
         if doc_chars is None:
             raise MixtureError(f"--max_doc_chars: {path} records no document lengths in characters (made before "
                                f"they were recorded); rebuild it with `python data_process.py pretrain ...` or use "
@@ -151,12 +149,9 @@ def length_filter(lengths: np.ndarray, doc_chars: np.ndarray | None, max_doc_tok
     return keep
 
 
-def filter_note(kept: np.ndarray, lengths: np.ndarray, has_chars: bool, max_doc_tokens: int | None,
-                max_doc_chars: int | None, path) -> str | None:
-    """The start-up line of the length filters: how much of the file they keep, or that the default did nothing."""
-    if max_doc_chars is not None and not has_chars and isinstance(max_doc_chars, RecipeDefault):
-        return (f"--max_doc_chars {max_doc_chars} (the default) not applied: {path} records no document lengths in "
-                f"characters; rebuild it with `python data_process.py pretrain ...` to apply it")
+def filter_note(kept: np.ndarray, lengths: np.ndarray, max_doc_tokens: int | None,
+                max_doc_chars: int | None) -> str | None:
+    """The start-up line of the length filters: how much of the file they keep."""
     limits = [f"<= {n} {unit}" for n, unit in ((max_doc_tokens, "tokens"), (max_doc_chars, "characters")) if n]
     if not limits:
         return None
@@ -322,9 +317,14 @@ def build_mixture(header: dict, arrays: dict, path, seq_len: int, mix: dict[str,
     lengths = np.diff(offsets)
     names, doc_source = source_table(header, arrays, path)
     counts = document_counts(len(lengths), doc_source, names, mix, seed, path)
+    skipped_default = None
+    if isinstance(max_doc_chars, RecipeDefault) and "doc_chars" not in arrays:
+        skipped_default = (f"--max_doc_chars {max_doc_chars} (the default) not applied: {path} records no document "
+                           f"lengths in characters; rebuild it with `python data_process.py pretrain ...` to apply it")
+        max_doc_chars = None
     kept = length_filter(lengths, arrays.get("doc_chars"), max_doc_tokens, max_doc_chars, path)
     counts *= kept
-    note = filter_note(kept, lengths, arrays.get("doc_chars") is not None, max_doc_tokens, max_doc_chars, path)
+    note = skipped_default or filter_note(kept, lengths, max_doc_tokens, max_doc_chars)
     source = doc_source if doc_source is not None else np.zeros(len(lengths), dtype=np.int64)
     documents = np.bincount(source, weights=counts, minlength=len(names)).astype(np.int64)
     tokens = np.bincount(source, weights=counts * lengths, minlength=len(names)).astype(np.int64)

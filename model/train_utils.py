@@ -850,16 +850,16 @@ RESUME_DATA_FLAGS = ("mix", "max_doc_tokens", "max_doc_chars", "packing", "seed"
 
 
 def _check_resume_data_flags(ckpt, saved: dict, args) -> None:
-    def shown(value) -> str:  # as typed on the command line; 0 and None both mean "no limit"
+    def shown(value) -> str:  # as typed on the command line; None (and 0) mean "no limit"
         if isinstance(value, (list, tuple)):
             return " ".join(map(str, value))
-        return "0" if value is None else str(value)
+        return str(value or 0)
 
     for flag in RESUME_DATA_FLAGS if args is not None else ():
-        if flag in saved and hasattr(args, flag) and shown(saved[flag] or None) != shown(getattr(args, flag) or None):
-            raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with --{flag} {shown(saved[flag] or None)}"
-                                  f", this run has --{flag} {shown(getattr(args, flag) or None)}; resume with the "
-                                  f"run's own --{flag} (others would give other windows)")
+        if flag in saved and hasattr(args, flag) and shown(saved[flag]) != shown(getattr(args, flag)):
+            raise CheckpointError(f"--resume: {ckpt.resume_path} was trained with --{flag} {shown(saved[flag])}, "
+                                  f"this run has --{flag} {shown(getattr(args, flag))}; resume with the run's own "
+                                  f"--{flag} (others would give other windows)")
 
 
 def _resume(ckpt, state: dict, model, optimizer, scaler, strict: bool, args=None) -> tuple[int, list, str | None]:
