@@ -14,7 +14,15 @@ import argparse
 import time
 from pathlib import Path
 
-from model.checkpoint import OUT_DIR, default_device, find_checkpoint, load_model, load_tokenizer, resolve_dtype
+from model.checkpoint import (
+    OUT_DIR,
+    add_tokenizer_arg,
+    default_device,
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from model.engine import Engine
 from model.errors import exit_on_usage_error
 from model.generate import SamplingParams, generate, stream_text
@@ -25,7 +33,7 @@ DEFAULT_PROMPTS = ["中国的首都是", "长江是", "人工智能是", "今天
 parser = argparse.ArgumentParser(description="continue prompts with a pretrained MiniMind checkpoint")
 add_model_args(parser)
 parser.add_argument("--ckpt", type=str, default=None, help="weights (default: the newest out/pretrain_<dim>.pth)")
-parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer folder (default: the bundled one of the model's family)")
+add_tokenizer_arg(parser)
 parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
 parser.add_argument("--prompts_file", type=str, default=None, help="a text file, one prompt per line")
 parser.add_argument("--batch", action="store_true", help="generate all prompts in one batch instead of streaming")

@@ -22,7 +22,7 @@ state next to it, and images/pretrain_{dim}{_moe}_loss.png.
 
 import argparse
 
-from model.checkpoint import ROOT_DIR, load_tokenizer
+from model.checkpoint import ROOT_DIR, add_tokenizer_arg, load_tokenizer
 from model.dataset import PretrainDataset
 from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, config_from_args
@@ -38,9 +38,7 @@ add_train_args(parser, data_path=str(ROOT_DIR / "dataset" / "pretrain_data.bin")
                learning_rate=1e-3, lr_schedule="wsd", warmup_iters=100, save_interval=1000)
 parser.add_argument("--doc_mask", action="store_true",
                     help="no attention across documents in a packed window (slower: no flash kernel)")
-parser.add_argument("--tokenizer", default=None,
-                    help="the tokenizer data_process.py made the token file with, for bits per character (default: "
-                         "the bundled one of the model's family)")
+add_tokenizer_arg(parser)
 add_mixture_args(parser)
 
 

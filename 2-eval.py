@@ -23,7 +23,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.checkpoint import OUT_DIR, default_device, find_checkpoint, load_model, load_tokenizer, resolve_dtype
+from model.checkpoint import (
+    OUT_DIR,
+    add_tokenizer_arg,
+    default_device,
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from model.errors import UsageError, exit_on_usage_error
 from model.generate import SamplingParams, stream_text
 from model.LMConfig import add_model_args, model_flags
@@ -37,7 +45,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat with a MiniMind checkpoint")
     parser.add_argument("--ckpt", default=None, help="weights to load (default: the newest out/full_sft_<dim>.pth)")
     parser.add_argument("--lora_dir", default=None, help="a peft LoRA adapter (from 4-lora_sft.py) to apply on top")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one of the model's family)")
+    add_tokenizer_arg(parser)
     parser.add_argument("--device", default=None, help="cuda / cpu / mps (default: the best available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--system", default="", help="system prompt, kept at the start of every prompt")

@@ -18,7 +18,7 @@ into windows of --max_seq_len, attending only within themselves, so no compute g
 import argparse
 from pathlib import Path
 
-from model.checkpoint import load_model, load_tokenizer, read_stage_input
+from model.checkpoint import add_tokenizer_arg, load_model, load_tokenizer, read_stage_input
 from model.errors import exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
 from model.packing import add_packing_arg, load_sft_data
@@ -32,9 +32,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default=None,
                         help="weights to start from (default: the newest {out_dir}/pretrain_<dim>.pth)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="the tokenizer data_process.py made the data with, the model's (default: the bundled one "
-                             "of its family)")
+    add_tokenizer_arg(parser)
     add_packing_arg(parser)
     add_model_args(parser)
     # v1's SFT recipe: a lower peak LR than pretraining, small batches. 8 packed windows of 512 hold ~34 real
@@ -54,7 +52,8 @@ def main(argv=None):
     dataset, data_line = load_sft_data(args.data_path, config.max_seq_len, packed=not args.no_packing)
     print0(data_line)
 
-    # The family's tokenizer (the one data_process.py sft used for it) turns the loss into bits per character.
+    # The data's tokenizer (by default the family's, data_process.py's default for it) turns the loss into bits per
+    # character.
     train(args, rt, model, dataset, weights_name=f"full_sft_{config.file_suffix}",
           tokenizer=load_tokenizer(args.tokenizer, config=config))
     compute_cleanup()

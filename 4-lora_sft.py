@@ -18,7 +18,7 @@ Writes, under --out_dir:
 import argparse
 from pathlib import Path
 
-from model.checkpoint import load_model, load_tokenizer, read_stage_input
+from model.checkpoint import add_tokenizer_arg, load_model, load_tokenizer, read_stage_input
 from model.errors import UsageError, exit_on_usage_error
 from model.LMConfig import add_model_args, model_flags
 from model.lora import adapter_state_dict, add_lora, add_lora_args, merged_state_dict, save_adapter
@@ -34,9 +34,7 @@ def main(argv=None):
     parser.add_argument("--init", default=None, help="base weights (default: the newest {out_dir}/full_sft_<dim>.pth)")
     add_lora_args(parser)
     parser.add_argument("--merge", action="store_true", help="also save the merged model as a v1 .pth")
-    parser.add_argument("--tokenizer", default=None,
-                        help="the tokenizer data_process.py made the data with, the model's (default: the bundled one "
-                             "of its family)")
+    add_tokenizer_arg(parser)
     add_packing_arg(parser)
     add_model_args(parser)
     # Adapters start at zero and are few, so they take a higher LR than full fine-tuning, and no weight decay.

@@ -29,6 +29,7 @@ from pathlib import Path
 from trl import DPOConfig
 
 from model.checkpoint import (
+    add_tokenizer_arg,
     default_device,
     default_dtype_name,
     load_tokenizer,
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_length", type=int, default=None,
                         help="prompt + answer tokens (default: --max_seq_len); long prompts keep their end")
     add_lora_args(parser, with_switch=True)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one of the model's family)")
+    add_tokenizer_arg(parser)
     add_model_args(parser)
     # DPO moves a fine-tuned model a little: a small LR, small batches of (chosen, rejected) pairs.
     add_train_args(parser, data_path=str(ROOT / "dataset" / "dpo_data.jsonl"), learning_rate=5e-6,

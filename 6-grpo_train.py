@@ -28,7 +28,7 @@ from pathlib import Path
 
 from trl import GRPOConfig
 
-from model.checkpoint import default_device, default_dtype_name, load_tokenizer, read_stage_input
+from model.checkpoint import add_tokenizer_arg, default_device, default_dtype_name, load_tokenizer, read_stage_input
 from model.dpo import MiniMindForTRL, last_checkpoint_step
 from model.errors import UsageError, exit_on_usage_error
 from model.grpo import (
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--vllm_mode", choices=["colocate", "server"], default="colocate")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
     add_lora_args(parser, with_switch=True)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one of the model's family)")
+    add_tokenizer_arg(parser)
     add_model_args(parser)
     add_train_args(parser, data_path=str(ROOT / "dataset" / "grpo_arithmetic.jsonl"), learning_rate=1e-6,
                    weight_decay=0.0, batch_size=16, epochs=1, save_interval=1000, num_workers=0, val_fraction=0.05)

@@ -75,6 +75,13 @@ def load_tokenizer(path: str | os.PathLike | None = None, config: LMConfig | Non
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def add_tokenizer_arg(parser) -> None:
+    """--tokenizer, as every stage script takes it: the model's tokenizer folder, which the data must be made with."""
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder: the model's, which data_process.py made its data with (default: the "
+                             "bundled one of the model's family)")
+
+
 def vocab_fingerprint(tokenizer) -> str:
     """sha256 of a tokenizer's vocabulary (token -> id, added tokens included): the same for a transformers tokenizer
     and a `tokenizers.Tokenizer` of the same tokenizer.json, different for a retrained one. data_process.py records
